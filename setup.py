@@ -45,6 +45,8 @@ setup(
     entry_points={
         "console_scripts": [
             "vdd = vdd_ros.cli.main:main",
+            "policy_node = vdd_ros.ros.policy_node:main",
+            "arm_sim_node = vdd_ros.ros.arm_sim_node:main",
         ],
     },
 )

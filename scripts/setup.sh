@@ -13,7 +13,17 @@ profile="full"
 python="$(command -v python3.11 || command -v python3)"
 if [ ! -x "$venv/bin/python" ]; then
   echo "setup: creating $venv with $($python --version)"
-  "$python" -m venv "$venv"
+  if ! "$python" -m venv "$venv"; then
+    # Debian/Ubuntu ship venv support as a separate package
+    rm -rf "$venv"
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt-get update -qq && apt-get install -y -qq "python3.11-venv" || apt-get install -y -qq python3-venv
+      "$python" -m venv "$venv"
+    else
+      echo "setup: '$python -m venv' failed; install venv support first: sudo apt-get install python3-venv" >&2
+      exit 1
+    fi
+  fi
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 reqs=(-r requirements/robot.txt)
