@@ -56,7 +56,7 @@ class BackboneConfig:
         return BackboneConfig(**data).validate()
 
 
-def _mlp(in_dim: int, hidden: int, layers: int, out_dim: int | None = None) -> nn.Sequential:
+def build_mlp(in_dim: int, hidden: int, layers: int, out_dim: int | None = None) -> nn.Sequential:
     """``layers`` hidden Linear+Mish layers, optionally followed by a linear output layer."""
     modules: list[nn.Module] = []
     width = in_dim
@@ -73,7 +73,7 @@ class MLPBackbone(nn.Module):
         super().__init__()
         self.obs_dim = obs_step_dim * history
         self.extra_dim = extra_dim
-        self.net = _mlp(self.obs_dim + extra_dim, config.hidden, config.mlp_layers)
+        self.net = build_mlp(self.obs_dim + extra_dim, config.hidden, config.mlp_layers)
         self.out_dim = config.hidden
 
     def forward(self, obs: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:

@@ -219,6 +219,7 @@ def plot_density(mixture: GaussianMixture, path: str, samples: np.ndarray | None
     os.makedirs(folder, exist_ok=True)
     handle, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
     os.close(handle)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a figure is meant to be read
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
