@@ -43,8 +43,10 @@ class ArmAvoidConfig:
     joint_upper: tuple[float, ...] = (1.8, 2.6, 2.5)
     joint_velocity_limits: tuple[float, ...] = (2.0, 2.5, 3.0)  # rad/s
     servo_gain: float = 12.0  # 1/s: the servo lags a ramp by 1/gain seconds
-    ee_radius: float = 0.015
-    obstacle_radius: float = 0.02
+    # small disks: a path that averages two routes still hits the obstacle between them dead centre,
+    # while a learned policy's few-centimetre lateral error does not
+    ee_radius: float = 0.01
+    obstacle_radius: float = 0.012
     obstacle_spacing: float = 0.16  # between neighbours in a row (= gap centre spacing)
     first_row_y: float = 0.40
     row_spacing: float = 0.14
