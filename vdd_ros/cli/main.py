@@ -14,6 +14,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "vdd_ros.cli.demos",
     "vdd_ros.cli.render",
+    "vdd_ros.cli.learn",
 )
 
 

@@ -40,7 +40,9 @@ class NoiseLevelEmbedding(nn.Module):
         if dim < 2 or dim % 2:
             raise ValueError(f"noise_embed_dim: expected an even integer >= 2, got {dim!r}")
         half = dim // 2
-        frequencies = torch.exp(torch.linspace(0.0, math.log(100.0), half))
+        # c_noise spans about [-1.6, 0.6] for sigma in [0.002, 10]: slow frequencies keep the features
+        # smooth in sigma, so the denoiser interpolates between the noise levels it was trained on
+        frequencies = torch.exp(torch.linspace(math.log(0.5), math.log(16.0), half))
         self.register_buffer("frequencies", frequencies, persistent=False)
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
@@ -58,13 +60,14 @@ class DiffusionTeacher(nn.Module):
 
     def __init__(self, obs_step_dim: int, history: int, act_dim: int, backbone: dict | None = None,
                  noise_embed_dim: int = 16, sigma_data: float = 0.5, sigma_min: float = 0.002,
-                 sigma_max: float = 10.0, rho: float = 7.0, n_steps: int = 8, sampler: str = "euler"):
+                 sigma_max: float = 10.0, rho: float = 7.0, n_steps: int = 8, sampler: str = "euler",
+                 action_reference: dict | None = None):
         super().__init__()
         backbone_config = BackboneConfig.from_dict(dict(backbone or {}))
         self.init_kwargs = dict(obs_step_dim=obs_step_dim, history=history, act_dim=act_dim,
                                 backbone=backbone_config.to_dict(), noise_embed_dim=noise_embed_dim,
                                 sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                                n_steps=n_steps, sampler=sampler)
+                                n_steps=n_steps, sampler=sampler, action_reference=action_reference)
         _check_sampling(sigma_min, sigma_max, rho, n_steps, sampler, sigma_data)
         self.obs_step_dim = obs_step_dim
         self.history = history
@@ -79,6 +82,41 @@ class DiffusionTeacher(nn.Module):
         self.noise_embedding = NoiseLevelEmbedding(noise_embed_dim)
         self.backbone = build_backbone(backbone_config, obs_step_dim, history, extra_dim=act_dim + noise_embed_dim)
         self.head = nn.Linear(self.backbone.out_dim, act_dim)
+        self._set_action_reference(action_reference)
+
+    def _set_action_reference(self, reference: dict | None) -> None:
+        """Constants that map the last observation frame to a reference chunk in normalised action units.
+
+        ``reference`` = {obs_index: [J] positions in a frame, obs_mean/obs_std: their normalisation,
+        act_mean/act_std: the actions' normalisation}. The diffusion then runs on the offset of the chunk
+        from the current joint positions, which is small, so the network needs far less precision.
+        """
+        self.uses_reference = reference is not None
+        if reference is None:
+            return
+        index = [int(i) for i in reference["obs_index"]]
+        n_joints = len(index)
+        if n_joints < 1 or self.act_dim % n_joints or any(not 0 <= i < self.obs_step_dim for i in index):
+            raise ValueError(f"action_reference.obs_index: expected {self.act_dim}/horizon indices in "
+                             f"[0, {self.obs_step_dim}), got {index}")
+        for key in ("obs_mean", "obs_std", "act_mean", "act_std"):
+            if len(reference[key]) != n_joints:
+                raise ValueError(f"action_reference.{key}: expected {n_joints} numbers, got {len(reference[key])}")
+        last_frame = (self.history - 1) * self.obs_step_dim
+        self.register_buffer("reference_index", torch.tensor(index) + last_frame, persistent=False)
+        # raw q = obs_norm * obs_std + obs_mean; reference = (q - act_mean) / act_std = obs_norm * scale + shift
+        obs_mean, obs_std = torch.tensor(reference["obs_mean"]), torch.tensor(reference["obs_std"])
+        act_mean, act_std = torch.tensor(reference["act_mean"]), torch.tensor(reference["act_std"])
+        self.register_buffer("reference_scale", (obs_std / act_std).float(), persistent=False)
+        self.register_buffer("reference_shift", ((obs_mean - act_mean) / act_std).float(), persistent=False)
+        self.reference_repeats = self.act_dim // n_joints
+
+    def reference(self, obs: torch.Tensor) -> torch.Tensor:
+        """The chunk that holds the current joint positions, ``[B, act_dim]`` (zeros without a reference)."""
+        if not self.uses_reference:
+            return torch.zeros(obs.shape[0], self.act_dim, dtype=obs.dtype)
+        current = obs[:, self.reference_index] * self.reference_scale + self.reference_shift
+        return current.repeat(1, self.reference_repeats)
 
     # --- the denoiser --------------------------------------------------------------
     def preconditioning(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,9 +132,12 @@ class DiffusionTeacher(nn.Module):
     def denoise(self, x: torch.Tensor, obs: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Clean-chunk estimate ``D(x; obs, sigma)``; ``x [B, act_dim]``, ``obs [B, obs_dim]``, ``sigma [B]``."""
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
-        extra = torch.cat([c_in.unsqueeze(-1) * x, self.noise_embedding(c_noise)], dim=-1)
+        # noise commutes with a shift: denoise the offset from the reference, then shift back
+        reference = self.reference(obs)
+        offset = x - reference
+        extra = torch.cat([c_in.unsqueeze(-1) * offset, self.noise_embedding(c_noise)], dim=-1)
         network_output = self.head(self.backbone(obs, extra))
-        return c_skip.unsqueeze(-1) * x + c_out.unsqueeze(-1) * network_output
+        return reference + c_skip.unsqueeze(-1) * offset + c_out.unsqueeze(-1) * network_output
 
     def forward(self, x: torch.Tensor, obs: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return self.denoise(x, obs, sigma)
@@ -197,6 +238,9 @@ class TeacherConfig:
     sampler: str = "euler"  # "euler" (deterministic ODE) or "ancestral" (stochastic)
     lr: float = 1e-3  # Adam learning rate (cosine-decayed to 10% over the run)
     weight_decay: float = 0.0  # AdamW weight decay
+    observation_fields: list = field(default_factory=list)  # frame fields the model reads (empty: all of the data's)
+    relative_to: str = ""  # joint-position observation field the chunk is denoised relative to ("": absolute)
+    obs_noise: float = 0.0  # std of Gaussian noise added to the normalised observations while training (robustness)
     batch_size: int = 256  # samples per optimiser step
     iterations: int = 6000  # optimiser steps
     ema_decay: float = 0.999  # exponential moving average of the weights (the EMA copy is saved)
@@ -229,8 +273,16 @@ class TeacherConfig:
         for name in ("lr", "P_std"):
             _require_float(self, name, low=0.0, low_open=True)
         _require_float(self, "weight_decay", low=0.0)
+        _require_float(self, "obs_noise", low=0.0)
         _require_float(self, "P_mean")
         _require_float(self, "ema_decay", low=0.0, high=1.0, high_open=True)
+        if not isinstance(self.observation_fields, (list, tuple)) or not all(
+                isinstance(name, str) and name for name in self.observation_fields):
+            raise ValueError(f"TeacherConfig.observation_fields: expected a list of field names, "
+                             f"got {self.observation_fields!r}")
+        if not isinstance(self.relative_to, str):
+            raise ValueError(f"TeacherConfig.relative_to: expected an observation field name or '', "
+                             f"got {self.relative_to!r}")
         if not isinstance(self.dataset, str):
             raise ValueError(f"TeacherConfig.dataset: expected a path string, got {self.dataset!r}")
         return self
@@ -283,17 +335,22 @@ def _require_float(config, name: str, low: float | None = None, high: float | No
         raise ValueError(f"{type(config).__name__}.{name}: expected {expected}, got {value!r}")
 
 
-def build_teacher(config: TeacherConfig, obs_step_dim: int, act_dim: int) -> DiffusionTeacher:
-    return DiffusionTeacher(obs_step_dim=obs_step_dim, history=config.history, act_dim=act_dim,
+def build_teacher(config: TeacherConfig, obs_step_dim: int, act_dim: int,
+                  action_reference: dict | None = None) -> DiffusionTeacher:
+    return DiffusionTeacher(action_reference=action_reference,
+                            obs_step_dim=obs_step_dim, history=config.history, act_dim=act_dim,
                             backbone=config.backbone.to_dict(), noise_embed_dim=config.noise_embed_dim,
                             sigma_data=config.sigma_data, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
                             rho=config.rho, n_steps=config.n_steps, sampler=config.sampler)
 
 
 def train_teacher(observations, actions, config: TeacherConfig, progress: bool = True,
-                  on_checkpoint: Callable[[DiffusionTeacher, dict], None] | None = None
-                  ) -> tuple[DiffusionTeacher, dict]:
+                  on_checkpoint: Callable[[DiffusionTeacher, dict], None] | None = None,
+                  action_reference: dict | None = None) -> tuple[DiffusionTeacher, dict]:
     """Fit a teacher to normalised ``observations [N, obs_dim]`` and ``actions [N, act_dim]``.
+
+    ``action_reference`` (see ``DiffusionTeacher``; ``pipeline.action_reference`` builds it from a
+    spec) makes the model denoise chunks relative to the current joint positions.
 
     Returns the EMA model (eval mode) and a history dict (``loss`` per logged step).
     ``on_checkpoint(ema_model, history)`` is called every ``config.checkpoint_every`` steps.
@@ -311,7 +368,7 @@ def train_teacher(observations, actions, config: TeacherConfig, progress: bool =
                          f"history={config.history}")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model = build_teacher(config, obs.shape[1] // config.history, act.shape[1])
+    model = build_teacher(config, obs.shape[1] // config.history, act.shape[1], action_reference)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -322,7 +379,10 @@ def train_teacher(observations, actions, config: TeacherConfig, progress: bool =
     bar = tqdm(range(config.iterations), desc="teacher", disable=not progress, mininterval=0.5)
     for step in bar:
         index = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
-        loss = model.loss(act[index], obs[index], config.P_mean, config.P_std, generator=generator)
+        batch_obs = obs[index]
+        if config.obs_noise > 0:
+            batch_obs = batch_obs + config.obs_noise * torch.randn(batch_obs.shape, generator=generator)
+        loss = model.loss(act[index], batch_obs, config.P_mean, config.P_std, generator=generator)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

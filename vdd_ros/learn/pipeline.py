@@ -1,0 +1,191 @@
+"""From demonstrations to training arrays, and from checkpoints to rollout policies.
+
+Training works on normalised, flattened arrays: ``obs [N, history*obs_step_dim]`` (the window
+ending at each step) and ``act [N, horizon*n_joints]`` (the chunk starting there). The
+normalisation is fitted on the dataset's frames and actions and travels in the spec.
+
+The policy wrappers turn raw observation windows ``[B, history, obs_step_dim]`` into raw
+action chunks ``[B, horizon, n_joints]`` for ``tasks.*.rollout`` and count the network
+evaluations they make.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vdd_ros.data.dataset import DemoDataset
+from vdd_ros.spec import ModelSpec, Normalization
+
+
+@dataclass
+class TrainingData:
+    spec: ModelSpec  # the task's interface, with the fitted normalisation
+    observations: np.ndarray  # [N, history*obs_step_dim] float32, normalised
+    actions: np.ndarray  # [N, horizon*n_joints] float32, normalised
+    dataset: DemoDataset
+
+
+def load_demonstrations(dataset: str = "", episodes: int = 200, dataset_seed: int = 0, task: str = "arm_avoid",
+                        progress: bool = False) -> DemoDataset:
+    """The demonstrations in ``dataset`` (a .npz file), or ``episodes`` generated ones of the built-in task."""
+    if dataset:
+        return DemoDataset.load(dataset)
+    from vdd_ros.tasks.registry import task_module
+
+    return task_module(task).generate_demonstrations(episodes, dataset_seed, progress=progress)
+
+
+def field_columns(fields, names) -> tuple[tuple, list[int]]:
+    """The observation fields named ``names`` (all when empty, in frame order) and their columns in a frame."""
+    names = list(names or [])
+    known = [f.name for f in fields]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"observation_fields: expected names from {known}, got unknown {unknown}")
+    chosen, columns, offset = [], [], 0
+    for obs_field in fields:
+        if not names or obs_field.name in names:
+            chosen.append(obs_field)
+            columns.extend(range(offset, offset + obs_field.size))
+        offset += obs_field.size
+    return tuple(chosen), columns
+
+
+def prepare_training_data(dataset: DemoDataset, history: int, horizon: int, model_kind: str = "none",
+                          normalization: Normalization | None = None,
+                          observation_fields: list[str] | tuple[str, ...] = ()) -> TrainingData:
+    """Windows of the dataset, normalised (fitted here unless ``normalization`` is given) and flattened.
+
+    ``observation_fields`` picks the frame fields the model reads (empty: all); the spec lists only those.
+    """
+    fields, columns = field_columns(dataset.spec.observation_fields, observation_fields)
+    obs_windows, act_chunks = dataset.windows(history, horizon)
+    obs_windows = obs_windows[..., columns]
+    if normalization is None:
+        fitted = Normalization.fit(dataset.observations[:, columns], dataset.actions)
+        normalization = Normalization(*(tuple(float(v) for v in values) for values in
+                                        (fitted.obs_mean, fitted.obs_std, fitted.act_mean, fitted.act_std)))
+    spec = dataset.spec.replace(history=history, action_horizon=horizon, normalization=normalization,
+                                model_kind=model_kind, observation_fields=fields)
+    obs = spec.normalize_obs(obs_windows).reshape(len(obs_windows), -1).astype(np.float32)
+    act = spec.normalize_action(act_chunks).reshape(len(act_chunks), -1).astype(np.float32)
+    return TrainingData(spec=spec, observations=obs, actions=act, dataset=dataset)
+
+
+def action_reference(spec: ModelSpec, field_name: str) -> dict | None:
+    """Constants for ``DiffusionTeacher(action_reference=...)``: the observation field ``field_name``
+    (joint positions, one per joint in the spec's joint order) is the reference of joint-position chunks.
+    ``""`` means none (the chunk is modelled in absolute normalised units)."""
+    if not field_name:
+        return None
+    if spec.action_kind != "joint_position":
+        raise ValueError(f"relative_to: a reference needs action_kind 'joint_position', got '{spec.action_kind}'")
+    offset = 0
+    for obs_field in spec.observation_fields:
+        if obs_field.name == field_name:
+            joints = tuple(obs_field.joints) or spec.joint_names
+            if obs_field.kind != "joint_position" or joints != spec.joint_names:
+                raise ValueError(f"relative_to: field '{field_name}' must hold the positions of joints "
+                                 f"{list(spec.joint_names)}, got kind '{obs_field.kind}' joints {list(joints)}")
+            index = list(range(offset, offset + obs_field.size))
+            norm = spec.normalization
+            return {"obs_index": index, "obs_mean": [float(norm.obs_mean[i]) for i in index],
+                    "obs_std": [float(norm.obs_std[i]) for i in index],
+                    "act_mean": [float(v) for v in norm.act_mean], "act_std": [float(v) for v in norm.act_std]}
+        offset += obs_field.size
+    raise ValueError(f"relative_to: expected one of the observation fields "
+                     f"{[f.name for f in spec.observation_fields]} or '', got '{field_name}'")
+
+
+class _PolicyBase:
+    """Raw windows -> raw chunks around a normalised-space model; counts calls and evaluations."""
+
+    evaluations_per_action = 1
+
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, seed: int = 0, frame_fields=None):
+        """``frame_fields``: the observation fields of the frames callers pass (default: the spec's own);
+        the model reads the spec's fields out of them."""
+        self.model = model.eval()
+        self.spec = spec
+        self.generator = torch.Generator().manual_seed(seed)
+        self.calls = 0
+        frame_fields = tuple(frame_fields or spec.observation_fields)
+        offsets, offset = {}, 0
+        for obs_field in frame_fields:
+            offsets[obs_field.name] = (offset, obs_field)
+            offset += obs_field.size
+        self.frame_width = offset
+        self.columns = []
+        for obs_field in spec.observation_fields:
+            if obs_field.name not in offsets or offsets[obs_field.name][1] != obs_field:
+                raise ValueError(f"observation field '{obs_field.name}' of the model is not in the frames "
+                                 f"{[f.name for f in frame_fields]}")
+            start = offsets[obs_field.name][0]
+            self.columns.extend(range(start, start + obs_field.size))
+
+    def normalised_actions(self, obs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, obs_windows: np.ndarray) -> np.ndarray:
+        windows = np.asarray(obs_windows, dtype=np.float64)
+        expected = (self.spec.history, self.frame_width)
+        if windows.ndim != 3 or windows.shape[1:] != expected:
+            raise ValueError(f"observation windows: expected shape [B, {expected[0]}, {expected[1]}], "
+                             f"got {list(windows.shape)}")
+        windows = windows[..., self.columns]
+        obs = torch.as_tensor(self.spec.normalize_obs(windows).reshape(len(windows), -1), dtype=torch.float32)
+        with torch.no_grad():
+            act = self.normalised_actions(obs).numpy().astype(np.float64)
+        self.calls += 1
+        chunks = act.reshape(len(windows), self.spec.action_horizon, self.spec.n_joints)
+        return self.spec.denormalize_action(chunks)
+
+
+class TeacherPolicy(_PolicyBase):
+    """Samples the diffusion teacher with ``n_steps`` denoiser evaluations per action chunk."""
+
+    def __init__(self, model, spec: ModelSpec, seed: int = 0, n_steps: int | None = None, sampler: str | None = None,
+                 frame_fields=None):
+        super().__init__(model, spec, seed, frame_fields)
+        self.n_steps = n_steps or model.n_steps
+        self.sampler = sampler or model.sampler
+        self.evaluations_per_action = self.n_steps
+
+    def normalised_actions(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.model.sample(obs, n_steps=self.n_steps, sampler=self.sampler, generator=self.generator)
+
+
+class MixturePolicy(_PolicyBase):
+    """One forward pass of the mixture: an expert drawn from the gating (or its argmax), its mean."""
+
+    def __init__(self, model, spec: ModelSpec, seed: int = 0, greedy: bool = False, frame_fields=None):
+        super().__init__(model, spec, seed, frame_fields)
+        self.greedy = greedy
+
+    def normalised_actions(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.model.act(obs, greedy=self.greedy, generator=self.generator)
+
+
+def policy_for_checkpoint(checkpoint, seed: int = 0, **options) -> _PolicyBase:
+    """The rollout policy of a loaded checkpoint (``vdd_ros.learn.checkpoint.Checkpoint``)."""
+    if checkpoint.kind == "diffusion_teacher":
+        return TeacherPolicy(checkpoint.model, checkpoint.spec, seed=seed, **options)
+    return MixturePolicy(checkpoint.model, checkpoint.spec, seed=seed, **options)
+
+
+def time_per_action(policy: _PolicyBase, windows: np.ndarray, repeats: int = 100) -> dict:
+    """Latency of one action chunk for one observation window (batch 1): mean, p50 and p99 in ms."""
+    rows = np.asarray(windows)
+    policy(rows[:1])  # warm-up
+    durations = []
+    for i in range(repeats):
+        row = rows[i % len(rows)][None]
+        start = time.perf_counter()
+        policy(row)
+        durations.append((time.perf_counter() - start) * 1e3)
+    values = np.asarray(durations)
+    return {"mean_ms": float(values.mean()), "p50_ms": float(np.percentile(values, 50)),
+            "p99_ms": float(np.percentile(values, 99))}
