@@ -15,6 +15,8 @@ SUBCOMMAND_MODULES = (
     "vdd_ros.cli.demos",
     "vdd_ros.cli.render",
     "vdd_ros.cli.learn",
+    "vdd_ros.cli.export",
+    "vdd_ros.cli.bench",
 )
 
 

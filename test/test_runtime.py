@@ -1,0 +1,246 @@
+"""The torch-free runtime: loading, provider choice, acting, and one-line errors for bad files and inputs."""
+import logging
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from vdd_ros.learn import export
+from vdd_ros.learn.backbones import BackboneConfig
+from vdd_ros.learn.diffusion import DiffusionTeacher
+from vdd_ros.learn.moe import MixtureOfExpertsPolicy
+from vdd_ros.runtime import (DeviceError, InputError, ModelLoadError, ModelNotFoundError, PolicyError, load_denoiser,
+                             load_policy)
+from vdd_ros.runtime.format import META_FORMAT
+from vdd_ros.spec import ModelSpec, Normalization, ObservationField
+
+HISTORY, HORIZON, JOINTS, EXPERTS = 2, 3, 2, 3
+torch.set_num_threads(1)
+
+
+def spec_for(model_kind: str) -> ModelSpec:
+    return ModelSpec(
+        joint_names=("shoulder", "elbow"), joint_lower=(-2.0, -2.0), joint_upper=(2.0, 2.0),
+        joint_velocity_limits=(1.0, 1.0),
+        observation_fields=(ObservationField("joint_position", "joint_position", 2),
+                            ObservationField("goal", "vector", 3, topic="goal", msg_type="std_msgs/Float64MultiArray")),
+        history=HISTORY, action_kind="joint_position", action_horizon=HORIZON, control_rate_hz=10.0,
+        normalization=Normalization((0.0, 0.5, 1.0, -1.0, 0.0), (1.0, 2.0, 0.5, 1.0, 3.0), (0.2, -0.1), (0.5, 1.5)),
+        model_kind=model_kind)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runtime")
+    torch.manual_seed(0)
+    student = MixtureOfExpertsPolicy(5, HISTORY, HORIZON * JOINTS, EXPERTS,
+                                     backbone=BackboneConfig(hidden=16, mlp_layers=1))
+    with torch.no_grad():
+        for param in student.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    export.export_student(student.eval(), spec_for("vdd_mixture"), folder / "student.onnx")
+    teacher = DiffusionTeacher(5, HISTORY, HORIZON * JOINTS, backbone={"hidden": 16, "mlp_layers": 1},
+                               n_steps=2).eval()
+    export.export_teacher_sampler(teacher, spec_for("diffusion_teacher"), folder / "teacher.onnx")
+    export.export_teacher_denoiser(teacher, spec_for("diffusion_teacher"), folder / "denoiser.onnx")
+    return folder
+
+
+def window(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((HISTORY, 5))
+
+
+def assert_one_line(err: pytest.ExceptionInfo) -> str:
+    text = str(err.value)
+    assert "\n" not in text and text
+    assert err.value.__suppress_context__ or err.value.__context__ is None  # raised `from None`: no ORT trace
+    return text
+
+
+# --- loading ------------------------------------------------------------------------------
+def test_load_reports_kind_provider_and_sizes(files, caplog):
+    with caplog.at_level(logging.INFO, logger="vdd_ros.runtime"):
+        student = load_policy(files / "student.onnx")  # auto: no CUDA provider here, so CPU with a reason
+    assert student.provider == "CPUExecutionProvider"
+    assert any("CPUExecutionProvider" in r.getMessage() and "CUDAExecutionProvider" in r.getMessage()
+               for r in caplog.records)
+    assert (student.kind, student.n_experts, student.network_evaluations) == ("vdd_mixture", EXPERTS, 1)
+    assert student.spec.joint_names == ("shoulder", "elbow") and student.spec.model_info["n_experts"] == EXPERTS
+    teacher = load_policy(files / "teacher.onnx", device="cpu", intra_op_threads=2)
+    assert (teacher.kind, teacher.n_experts, teacher.network_evaluations) == ("diffusion_teacher", 0, 2)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(files):
+    with pytest.raises(DeviceError) as err:
+        load_policy(files / "student.onnx", device="cuda")
+    assert "CUDAExecutionProvider" in assert_one_line(err) and "onnxruntime-gpu" in str(err.value)
+    with pytest.raises(DeviceError, match="cuda:1"):
+        load_policy(files / "student.onnx", device="cuda:1")
+    with pytest.raises(DeviceError, match="'gpu'"):
+        load_policy(files / "student.onnx", device="gpu")
+    with pytest.raises(ModelLoadError, match="intra_op_threads"):
+        load_policy(files / "student.onnx", intra_op_threads=0)
+
+
+def test_bad_files_give_one_line_errors(files, tmp_path):
+    with pytest.raises(ModelNotFoundError) as err:
+        load_policy(tmp_path / "nothing.onnx")
+    assert isinstance(err.value, FileNotFoundError) and "nothing.onnx" in assert_one_line(err)
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a protobuf" * 10)
+    with pytest.raises(ModelLoadError, match="not a loadable ONNX model") as err:
+        load_policy(garbage)
+    assert_one_line(err)
+
+    # a valid ONNX model that vdd_ros did not write
+    node = helper.make_node("Identity", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(foreign))
+    with pytest.raises(ModelLoadError, match="not one exported by vdd_ros") as err:
+        load_policy(foreign)
+    assert_one_line(err)
+
+    # our file, but from a future export format
+    future = onnx.load(str(files / "student.onnx"))
+    for entry in future.metadata_props:
+        if entry.key == META_FORMAT:
+            entry.value = "99"
+    onnx.save(future, str(tmp_path / "future.onnx"))
+    with pytest.raises(ModelLoadError, match="'99' is not supported") as err:
+        load_policy(tmp_path / "future.onnx")
+    assert_one_line(err)
+
+    with pytest.raises(ModelLoadError, match="denoiser"):
+        load_policy(files / "denoiser.onnx")
+    with pytest.raises(ModelLoadError, match="load_policy"):
+        load_denoiser(files / "student.onnx")
+
+
+# --- acting -------------------------------------------------------------------------------
+def test_act_shapes_types_and_reproducibility(files):
+    for name in ("student.onnx", "teacher.onnx"):
+        policy = load_policy(files / name, device="cpu")
+        first = policy.act(window(), np.random.default_rng(3))
+        assert first.shape == (HORIZON, JOINTS) and first.dtype == np.float64 and np.isfinite(first).all()
+        kept = first.copy()
+        second = policy.act(window(1), np.random.default_rng(4))
+        np.testing.assert_array_equal(first, kept)  # a later call never overwrites a returned chunk
+        assert np.abs(second - first).max() > 0
+        np.testing.assert_array_equal(policy.act(window(), np.random.default_rng(3)), first)
+        # lists and float32 windows are accepted alike
+        np.testing.assert_allclose(policy.act(window().astype(np.float32).tolist(), np.random.default_rng(3)), first,
+                                   atol=1e-6)
+
+
+def test_warmup_leaves_the_callers_generator_alone(files):
+    policy = load_policy(files / "teacher.onnx", device="cpu")
+    rng = np.random.default_rng(8)
+    state = rng.bit_generator.state
+    policy.warmup(5)
+    assert rng.bit_generator.state == state
+
+
+def test_student_batch_matches_single_calls_and_teacher_noise_matters(files):
+    student = load_policy(files / "student.onnx", device="cpu")
+    windows = np.stack([window(i) for i in range(6)])
+    batch = student.act_batch(windows, np.random.default_rng(0), greedy=True)
+    singles = np.stack([student.act(w, np.random.default_rng(0), greedy=True) for w in windows])
+    np.testing.assert_allclose(batch, singles, atol=1e-6)
+    teacher = load_policy(files / "teacher.onnx", device="cpu")
+    chunks = teacher.act_batch(np.repeat(windows[:1], 4, axis=0), np.random.default_rng(0))
+    assert chunks.shape == (4, HORIZON, JOINTS) and np.abs(chunks[0] - chunks[1]).max() > 0
+
+
+def test_student_expert_override_and_greedy(files):
+    policy = load_policy(files / "student.onnx", device="cpu")
+    rng = np.random.default_rng(0)
+    greedy = policy.act_detailed(window(), rng, greedy=True)
+    assert greedy.expert == int(np.argmax(greedy.gating)) and greedy.gating.shape == (EXPERTS,)
+    assert abs(greedy.gating.sum() - 1.0) < 1e-5 and greedy.expert_means.shape == (EXPERTS, HORIZON, JOINTS)
+    for k in range(EXPERTS):
+        forced = policy.act_detailed(window(), rng, greedy=True, expert=k)  # forcing beats greedy
+        assert forced.expert == k
+        np.testing.assert_allclose(forced.actions, greedy.expert_means[k], atol=1e-6)
+
+
+def test_noise_scale_adds_noise_only_when_positive(files):
+    policy = load_policy(files / "student.onnx", device="cpu")
+    mean = policy.act_detailed(window(), np.random.default_rng(0), expert=0)
+    np.testing.assert_allclose(mean.actions, mean.expert_means[0], atol=1e-6)
+    policy.noise_scale = 0.5
+    noisy = policy.act_detailed(window(), np.random.default_rng(0), expert=0)
+    assert np.abs(noisy.actions - noisy.expert_means[0]).max() > 1e-4
+    with pytest.raises(InputError, match="noise_scale"):
+        policy.noise_scale = -1.0
+    with pytest.raises(InputError, match="teacher"):
+        load_policy(files / "teacher.onnx", device="cpu", noise_scale=0.1)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((HISTORY + 1, 5)), r"expected shape \(2, 5\)"),
+    (np.zeros((HISTORY, 4)), r"got \(2, 4\)"),
+    (np.zeros((HISTORY, 5), dtype=np.int64), "float array, got dtype int64"),
+    (np.array([[0, 0, np.nan, 0, 0], [0] * 5], dtype=np.float64), r"observation field 'goal'\[0\]"),
+    (np.array([[0] * 5, [0, np.inf, 0, 0, 0]], dtype=np.float32), r"index \(1, 1\).*'joint_position'\[1\]"),
+    (np.array([[0] * 5, [0, 0, 0, 0, 1e39]]), "float32 range"),
+    ([[1, 2], [3]], "obs_window: expected an array"),
+])
+def test_bad_observations_are_refused_by_name(files, bad, match):
+    policy = load_policy(files / "student.onnx", device="cpu")
+    with pytest.raises(InputError, match=match) as err:
+        policy.act(bad, np.random.default_rng(0))
+    assert_one_line(err)
+
+
+def test_other_bad_arguments(files):
+    student = load_policy(files / "student.onnx", device="cpu")
+    teacher = load_policy(files / "teacher.onnx", device="cpu")
+    for expert in (EXPERTS, -1, 1.0, True):
+        with pytest.raises(InputError, match=r"expert: expected None or an integer in \[0, 3\)"):
+            student.act_detailed(window(), np.random.default_rng(0), expert=expert)
+    with pytest.raises(InputError, match="teacher has no experts"):
+        teacher.act_detailed(window(), np.random.default_rng(0), expert=0)
+    with pytest.raises(InputError, match="numpy.random.Generator"):
+        student.act(window(), rng=np.random.RandomState(0))
+    with pytest.raises(InputError, match=r"B >= 1"):
+        student.act_batch(np.zeros((0, HISTORY, 5)), np.random.default_rng(0))
+    with pytest.raises(InputError, match=r"batch x history"):
+        student.act_batch(np.zeros((2, HISTORY, 6)), np.random.default_rng(0))
+    assert issubclass(InputError, PolicyError) and issubclass(PolicyError, ValueError)
+
+
+def test_a_copied_file_is_all_a_deployment_needs(files, tmp_path):
+    """One .onnx file, nothing else: the copy loads and acts identically."""
+    moved = tmp_path / "elsewhere" / "policy.onnx"
+    moved.parent.mkdir()
+    shutil.copy(files / "student.onnx", moved)
+    original = load_policy(files / "student.onnx", device="cpu").act(window(), np.random.default_rng(2))
+    np.testing.assert_array_equal(load_policy(moved, device="cpu").act(window(), np.random.default_rng(2)), original)
+
+
+def test_bench_runtime_command_writes_table_json_and_plot(files, tmp_path, capsys):
+    """The benchmark's plumbing on tiny models (timings themselves are the bench's output, not asserted)."""
+    import argparse
+    import json
+
+    from vdd_ros.cli import bench
+
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "runtime", "--student", str(files / "student.onnx"),
+                              "--teacher", str(files / "teacher.onnx"), "--calls", "40", "--warmup", "2",
+                              "--json", str(tmp_path / "bench.json"), "--plot", str(tmp_path / "bench.png")])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "p50 us" in printed and "teacher 2-step" in printed
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["kind"], r["network_evaluations"], r["calls"]) for r in rows] == [("vdd_mixture", 1, 40),
+                                                                               ("diffusion_teacher", 2, 40)]
+    assert rows[0]["p50_vs_student"] == 1.0 and all(0 < r["p50_us"] <= r["p99_us"] <= r["max_us"] for r in rows)
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

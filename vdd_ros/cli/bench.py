@@ -1,0 +1,274 @@
+"""``vdd bench runtime``: per-call latency of the exported student against the teacher's N-step sampler.
+
+Every model is called through ``Policy.act`` exactly as the policy node calls it (input
+checks, random draws, output copy included). Calls are interleaved in rounds, so a burst of
+load on a shared machine hits every model alike and the teacher/student ratio stays fair.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+ROUNDS = 20  # the calls of each model are spread over this many interleaved rounds
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks (runtime latency)",
+                                   description="Benchmarks of vdd_ros components.")
+    benches = parser.add_subparsers(dest="bench", metavar="BENCH")
+    benches.required = True
+    runtime = benches.add_parser(
+        "runtime", help="latency of the ONNX student vs the teacher sampler at several step counts",
+        description="Measure per-call latency (p50/p99/max), calls per second and the teacher/student ratio "
+        "of the exported models through vdd_ros.runtime, print a table, and save a latency histogram PNG "
+        "(and JSON). Teachers with several step counts are exported from the teacher checkpoint to a "
+        "temporary folder when torch is installed; otherwise the given teacher .onnx files are used.")
+    runtime.add_argument("--student", default=None,
+                         help="student .onnx (default: the shipped models/student.onnx)")
+    runtime.add_argument("--extra", action="append", default=[],
+                         help="another student-like .onnx to include, e.g. models/em.onnx (repeatable; "
+                         "default: models/em.onnx when shipped and --student is not given)")
+    runtime.add_argument("--teacher-checkpoint", default=None,
+                         help="teacher checkpoint to export at each --steps (default: models/teacher.pt when "
+                         "it exists and torch is installed)")
+    runtime.add_argument("--teacher", action="append", default=[],
+                         help="exported teacher sampler .onnx to include as is (repeatable; default when no "
+                         "checkpoint is used: the shipped models/teacher.onnx)")
+    runtime.add_argument("--steps", default="1,4,8,16,32",
+                         help="comma-separated sampler step counts to export from the checkpoint "
+                         "(default: 1,4,8,16,32)")
+    runtime.add_argument("--calls", type=int, default=5000,
+                         help="timed calls per model after warm-up (default: 5000)")
+    runtime.add_argument("--warmup", type=int, default=200, help="untimed calls per model first (default: 200)")
+    runtime.add_argument("--threads", type=int, default=1,
+                         help="onnxruntime intra-op threads per session (default: 1)")
+    runtime.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
+    runtime.add_argument("--json", default=None, help="also write the results to this JSON file")
+    runtime.add_argument("--plot", default="bench_runtime.png",
+                         help="latency histogram PNG (default: bench_runtime.png; empty string: no plot)")
+    runtime.add_argument("--seed", type=int, default=0, help="seed of the observations and noise (default: 0)")
+    runtime.set_defaults(func=run_runtime)
+
+
+def _parse_steps(text: str) -> list[int]:
+    from vdd_ros.cli.main import UserError
+
+    try:
+        steps = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--steps: expected comma-separated integers >= 1, got '{text}'") from None
+    if not steps or min(steps) < 1:
+        raise UserError(f"--steps: expected comma-separated integers >= 1, got '{text}'")
+    return sorted(set(steps))
+
+
+def _export_teachers(checkpoint: Path, steps: list[int], folder: Path) -> list[Path]:
+    import torch
+    from tqdm import tqdm
+
+    from vdd_ros.learn.checkpoint import load_checkpoint
+    from vdd_ros.learn.export import export_teacher_sampler
+
+    torch.set_num_threads(1)
+    loaded = load_checkpoint(checkpoint)
+    if loaded.kind != "diffusion_teacher":
+        from vdd_ros.cli.main import UserError
+        raise UserError(f"--teacher-checkpoint: expected a diffusion_teacher checkpoint, {checkpoint} holds a "
+                        f"{loaded.kind}")
+    spec = loaded.spec.replace(model_kind=loaded.kind)
+    paths = []
+    for n in tqdm(steps, desc="export teacher", unit="sampler"):
+        paths.append(export_teacher_sampler(loaded.model, spec, folder / f"teacher_{n}steps.onnx", n,
+                                            loaded.config).path)
+    return paths
+
+
+def _windows(spec, count: int, rng):
+    import numpy as np
+
+    norm = spec.normalization
+    return (np.asarray(norm.obs_mean) + np.asarray(norm.obs_std)
+            * rng.standard_normal((count, spec.history, spec.obs_step_dim)))
+
+
+def measure(policies: dict, calls: int, warmup: int, seed: int) -> dict:
+    """Per-call latencies (seconds) of ``policies`` (label -> Policy), interleaved in rounds."""
+    import numpy as np
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    windows = {label: _windows(p.spec, 64, rng) for label, p in policies.items()}
+    for label, policy in policies.items():
+        for i in range(warmup):
+            policy.act(windows[label][i % 64], rng)
+    per_round = max(1, calls // ROUNDS)
+    samples = {label: np.empty(per_round * ROUNDS) for label in policies}
+    clock = time.perf_counter_ns
+    for r in tqdm(range(ROUNDS), desc="bench", unit="round"):
+        for label, policy in policies.items():
+            obs, out = windows[label], samples[label]
+            for i in range(r * per_round, (r + 1) * per_round):
+                window = obs[i % 64]
+                start = clock()
+                policy.act(window, rng)
+                out[i] = clock() - start
+    return {label: values * 1e-9 for label, values in samples.items()}
+
+
+def summarise(policies: dict, latencies: dict, student_label: str) -> list[dict]:
+    import numpy as np
+
+    student_p50 = float(np.percentile(latencies[student_label], 50))
+    student_mean = float(np.mean(latencies[student_label]))
+    rows = []
+    for label, policy in policies.items():
+        values = latencies[label]
+        p50 = float(np.percentile(values, 50))
+        rows.append({
+            "model": label, "kind": policy.kind, "file": str(policy.path),
+            "network_evaluations": policy.network_evaluations, "provider": policy.provider,
+            "calls": int(values.size), "p50_us": p50 * 1e6, "p99_us": float(np.percentile(values, 99)) * 1e6,
+            "max_us": float(values.max()) * 1e6, "mean_us": float(values.mean()) * 1e6,
+            "calls_per_s": 1.0 / float(values.mean()),
+            "actions_per_call": policy.spec.action_horizon,
+            "p50_vs_student": p50 / student_p50, "mean_vs_student": float(values.mean()) / student_mean})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'model':<22} {'NFE':>4} {'p50 us':>9} {'p99 us':>9} {'max us':>9} {'calls/s':>9} {'x student':>10}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['model']:<22} {row['network_evaluations']:>4} {row['p50_us']:>9.1f} {row['p99_us']:>9.1f} "
+              f"{row['max_us']:>9.1f} {row['calls_per_s']:>9.0f} {row['p50_vs_student']:>10.1f}")
+
+
+def plot(latencies: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    everything = np.concatenate(list(latencies.values())) * 1e6
+    bins = np.geomspace(max(everything.min(), 1.0), everything.max() * 1.01, 80)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for label, values in latencies.items():
+        ax.hist(values * 1e6, bins=bins, histtype="step", linewidth=1.5,
+                label=f"{label} (p50 {np.percentile(values, 50) * 1e6:.0f} us)")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per act() call [us] (log scale)")
+    ax.set_ylabel("calls")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    handle, tmp_name = tempfile.mkstemp(prefix=".bench.", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(handle)
+    try:
+        fig.savefig(tmp_name, dpi=110)
+        os.chmod(tmp_name, _file_mode())
+        os.replace(tmp_name, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def _write_json(path: str, payload: dict) -> None:
+    handle, tmp_name = tempfile.mkstemp(prefix=".bench.", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(payload, out, indent=2)
+        os.chmod(tmp_name, _file_mode())
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file (mkstemp's 0600 would hide results from others)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def run_runtime(args) -> int:
+    from vdd_ros.cli.main import UserError
+    from vdd_ros.paths import model_file
+    from vdd_ros.runtime import load_policy
+
+    if args.calls < ROUNDS:
+        raise UserError(f"--calls: expected an integer >= {ROUNDS}, got {args.calls}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup: expected an integer >= 0, got {args.warmup}")
+    steps = _parse_steps(args.steps)
+    for option, value in (("--json", args.json), ("--plot", args.plot)):
+        if value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+            raise UserError(f"{option}: folder of '{value}' does not exist")
+    student_path = Path(args.student) if args.student else model_file("student.onnx")
+    if not student_path.is_file():
+        raise FileNotFoundError(f"student {student_path}: no such file (pass --student, or export one: "
+                                f"vdd export models/student.pt --out models/student.onnx)")
+    extras = [Path(p) for p in args.extra]
+    if not args.extra and not args.student and model_file("em.onnx").is_file():
+        extras = [model_file("em.onnx")]
+    checkpoint = Path(args.teacher_checkpoint) if args.teacher_checkpoint else model_file("teacher.pt")
+    use_checkpoint = checkpoint.is_file() and not args.teacher
+    if args.teacher_checkpoint and not checkpoint.is_file():
+        raise FileNotFoundError(f"--teacher-checkpoint {checkpoint}: no such file")
+    if use_checkpoint:
+        try:
+            import torch  # noqa: F401 - only to learn whether exporting is possible here
+        except ImportError:
+            use_checkpoint = False
+            print(f"torch is not installed: using exported teacher files instead of {checkpoint}")
+
+    with tempfile.TemporaryDirectory(prefix="vdd_bench_") as folder:
+        if use_checkpoint:
+            teacher_paths = _export_teachers(checkpoint, steps, Path(folder))
+        else:
+            teacher_paths = [Path(p) for p in args.teacher] or [model_file("teacher.onnx")]
+            missing = [str(p) for p in teacher_paths if not p.is_file()]
+            if missing:
+                raise FileNotFoundError(f"teacher {missing[0]}: no such file (pass --teacher FILE.onnx or "
+                                        f"--teacher-checkpoint FILE.pt)")
+        policies = {}
+        student = load_policy(student_path, device=args.device, intra_op_threads=args.threads)
+        if student.kind == "diffusion_teacher":
+            raise UserError(f"--student: expected a student model, {student_path} holds a diffusion_teacher")
+        policies[f"student ({student.kind})"] = student
+        student_label = next(iter(policies))
+        for path in extras:
+            extra = load_policy(path, device=args.device, intra_op_threads=args.threads)
+            policies[f"{path.stem} ({extra.kind})"] = extra
+        for path in teacher_paths:
+            teacher = load_policy(path, device=args.device, intra_op_threads=args.threads)
+            if teacher.kind != "diffusion_teacher":
+                raise UserError(f"teacher file {path}: expected a diffusion_teacher sampler, got {teacher.kind}")
+            policies[f"teacher {teacher.network_evaluations}-step"] = teacher
+        latencies = measure(policies, args.calls, args.warmup, args.seed)
+    rows = summarise(policies, latencies, student_label)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {student.provider}, " \
+              f"{args.threads} intra-op thread(s)"
+    print(f"\nper-call latency of Policy.act ({machine}; {rows[0]['calls']} calls each)")
+    print_table(rows)
+    student_row = rows[0]
+    print(f"\nstudent p50 {student_row['p50_us']:.1f} us (target <= 50 us: "
+          f"{'met' if student_row['p50_us'] <= 50 else 'MISSED'})")
+    teacher16 = next((r for r in rows if r["kind"] == "diffusion_teacher" and r["network_evaluations"] == 16), None)
+    if teacher16 is not None:
+        print(f"16-step teacher / student (p50): {teacher16['p50_vs_student']:.1f}x (target >= 20x: "
+              f"{'met' if teacher16['p50_vs_student'] >= 20 else 'MISSED'})")
+    if args.json:
+        _write_json(args.json, {"machine": machine, "calls": args.calls, "warmup": args.warmup, "rows": rows})
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(latencies, args.plot, f"vdd_ros runtime latency ({machine})")
+        print(f"wrote {args.plot}")
+    return 0
