@@ -17,7 +17,7 @@ ROUNDS = 20  # the calls of each model are spread over this many interleaved rou
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (runtime latency)",
+    parser = subparsers.add_parser("bench", help="benchmarks (runtime latency, policy node rate)",
                                    description="Benchmarks of vdd_ros components.")
     benches = parser.add_subparsers(dest="bench", metavar="BENCH")
     benches.required = True
@@ -52,6 +52,13 @@ def register(subparsers) -> None:
                          help="latency histogram PNG (default: bench_runtime.png; empty string: no plot)")
     runtime.add_argument("--seed", type=int, default=0, help="seed of the observations and noise (default: 0)")
     runtime.set_defaults(func=run_runtime)
+
+    from vdd_ros.ros import node_bench  # rclpy is imported inside run(), not here
+
+    node = benches.add_parser("node", help="the policy node at a high control rate (deadline misses)",
+                              description=node_bench.__doc__)
+    node_bench.add_arguments(node)
+    node.set_defaults(func=node_bench.run)
 
 
 def _parse_steps(text: str) -> list[int]:

@@ -46,7 +46,7 @@ def run(args) -> int:
     denoiser = None
     if kind == "diffusion_teacher" and not args.no_denoiser:
         denoiser = Path(args.denoiser_out) if args.denoiser_out else out.with_name(out.stem + "_denoiser.onnx")
-    elif args.denoiser_out or args.no_denoiser:
+    elif kind != "diffusion_teacher" and (args.denoiser_out or args.no_denoiser):
         raise UserError(f"--denoiser-out/--no-denoiser: only a diffusion_teacher checkpoint has a denoiser, "
                         f"{args.checkpoint} holds a {kind}")
     for report in export_checkpoint(args.checkpoint, out, n_steps=args.steps, denoiser_path=denoiser):

@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = (
     "vdd_ros.cli.learn",
     "vdd_ros.cli.export",
     "vdd_ros.cli.bench",
+    "vdd_ros.cli.demo",
 )
 
 

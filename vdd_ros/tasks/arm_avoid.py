@@ -192,7 +192,8 @@ def behaviour_entropy(route_ids: Sequence[int | None], n_routes: int = N_ROUTES)
         return 0.0
     counts = np.bincount(ids, minlength=n_routes).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum() / math.log(n_routes))
+    # + 0.0 turns the -0.0 of a single route into 0.0
+    return float(-(p * np.log(p)).sum() / math.log(n_routes)) + 0.0
 
 
 # --- simulator ---------------------------------------------------------------------

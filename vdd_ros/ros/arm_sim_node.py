@@ -1,0 +1,312 @@
+"""Simulated arm: the built-in arm_avoid task (ArmSim, one episode at a time) behind ROS 2 topics.
+
+Runs the physics at the task's rate (200 Hz, times ``real_time_factor``) and publishes
+``joint_states``. Takes joint position targets from ``commands`` (std_msgs/Float64MultiArray,
+joints in the order of the ``joint_names`` it publishes) or ``joint_trajectory``
+(trajectory_msgs/JointTrajectory: each point's positions are the target from the previous
+point's time until its own ``time_from_start``, counted from the header stamp or, when that is
+zero, from the arrival; the last point is held).
+
+Episodes: after a reset the arm holds its start pose still for ``settle_s`` (commands are
+ignored), then publishes ``episode_start`` (std_msgs/Int32, the episode index; the policy node
+clears its observation history and action chunk on it) and waits for the first command: the
+episode's clock starts with it, as an offline rollout starts with its first action. When an
+episode ends (success, collision or timeout) its outcome goes out on ``episode_result``
+(std_msgs/String, JSON: episode, success, collision, timeout, route (null unless success),
+duration_s, start_q, ee_path at the control rate) and, with ``auto_reset``, the next episode
+starts. Start poses come from ``seed`` exactly as ``tasks.arm_avoid.rollout(seed=...)`` draws
+them, so episode k over ROS starts where offline episode k starts.
+
+Pacing: real time by default (``real_time_factor`` scales it; with ``publish_clock`` the
+simulated time goes out on ``/clock`` for nodes run with ``use_sim_time``). ``lockstep``
+instead steps one control period per command and publishes ``joint_states`` once per control
+period (policy node: ``trigger:=observation``): the run then reproduces the offline rollout
+exactly, as fast as the policy answers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rosgraph_msgs.msg import Clock
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Float64MultiArray, Int32, String
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory
+
+from vdd_ros.ros.spin import run_node, stamp_seconds
+from vdd_ros.tasks.arm_avoid import JOINT_NAMES, PHYSICS_RATE_HZ, TICKS_PER_CONTROL, ArmSim
+
+WARN_PERIOD_S = 2.0
+RESULT_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# physics ticks one timer callback may catch up on before the sim gives up on real time
+MAX_CATCH_UP_TICKS = 40
+
+# lockstep: how often the state machine is polled, and the start of an episode is announced
+LOCKSTEP_POLL_S = 0.01
+LOCKSTEP_REPEAT_S = 0.5
+LOCKSTEP_ANNOUNCE_LEAD_S = 0.05
+
+SETTLING, WAITING, RUNNING, FINISHED = "settling", "waiting_for_command", "running", "finished"
+
+
+def _descriptor(kind, description, float_range=None, int_range=None):
+    descriptor = ParameterDescriptor(type=kind, description=description)
+    if float_range:
+        descriptor.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
+                                                              to_value=float(float_range[1]), step=0.0)]
+    if int_range:
+        descriptor.integer_range = [IntegerRange(from_value=int(int_range[0]), to_value=int(int_range[1]), step=0)]
+    return descriptor
+
+
+PARAMETERS = {
+    "seed": (0, _descriptor(ParameterType.PARAMETER_INTEGER, "Seed of the episode start poses (as offline "
+                                                             "rollouts with the same seed).", int_range=(0, 2**31 - 1))),
+    "auto_reset": (True, _descriptor(ParameterType.PARAMETER_BOOL, "Start the next episode when one ends.")),
+    "max_episodes": (0, _descriptor(ParameterType.PARAMETER_INTEGER, "Stop after this many episodes "
+                                                                     "(0 = never).", int_range=(0, 10**9))),
+    "settle_s": (0.25, _descriptor(ParameterType.PARAMETER_DOUBLE, "Seconds the start pose is held still "
+                                                                   "(commands ignored) before an episode starts.",
+                                   float_range=(0.0, 60.0))),
+    "real_time_factor": (1.0, _descriptor(ParameterType.PARAMETER_DOUBLE, "Simulated seconds per wall-clock "
+                                                                         "second.", float_range=(0.05, 20.0))),
+    "publish_clock": (False, _descriptor(ParameterType.PARAMETER_BOOL, "Publish the simulated time on /clock "
+                                                                       "(run other nodes with use_sim_time).")),
+    "lockstep": (False, _descriptor(ParameterType.PARAMETER_BOOL,
+                                    "Step one control period per command: joint_states go out once per control "
+                                    "period and the physics waits for the next command on 'commands' (run the "
+                                    "policy node with trigger:=observation, output:=commands). As fast as the "
+                                    "policy answers, and scored exactly like an offline rollout.")),
+    "publish_every": (1, _descriptor(ParameterType.PARAMETER_INTEGER, "Publish joint_states every this many "
+                                                                      "physics ticks.", int_range=(1, 1000))),
+}
+
+
+class ArmSimNode(Node):
+    def __init__(self, node_name: str = "arm_sim", **kwargs):
+        super().__init__(node_name, **kwargs)
+        for name, (default, descriptor) in PARAMETERS.items():
+            self.declare_parameter(name, default, descriptor)
+        p = {name: self.get_parameter(name).value for name in PARAMETERS}
+        self.auto_reset, self.max_episodes, self.settle_s = p["auto_reset"], p["max_episodes"], p["settle_s"]
+        self.rtf, self.publish_every, self.lockstep = p["real_time_factor"], p["publish_every"], p["lockstep"]
+        if self.lockstep and p["publish_clock"]:
+            self.get_logger().warning("publish_clock is ignored in lockstep: stamps are wall-clock times")
+            p["publish_clock"] = False
+        self.sim = ArmSim(batch=1)
+        self.dt = 1.0 / PHYSICS_RATE_HZ
+        self.start_rng = np.random.default_rng(p["seed"])
+        self.episode = -1
+        self.state = FINISHED
+        self.target = self.sim.q[0].copy()
+        self.trajectory = None  # (start time [sim clock s], times [n], positions [n, J])
+        self._warned_at: dict[str, float] = {}
+        # simulated clock: seconds since the epoch, starting at the wall time of start-up
+        self.clock_s = time.time()
+        self._physics_ticks = 0
+        self._wall_start = time.monotonic()
+        self.lagged_ticks = 0
+
+        self.joint_pub = self.create_publisher(JointState, "joint_states", 10)
+        # late subscribers (a scorer that starts after the sim) still get every outcome
+        self.result_pub = self.create_publisher(String, "episode_result", RESULT_QOS)
+        self.start_pub = self.create_publisher(Int32, "episode_start", 10)
+        self.clock_pub = self.create_publisher(Clock, "/clock", 10) if p["publish_clock"] else None
+        self.create_subscription(Float64MultiArray, "commands", self._on_commands, 10)
+        self.create_subscription(JointTrajectory, "joint_trajectory", self._on_trajectory, 10)
+        self.create_service(Trigger, "~/reset", self._on_reset)
+        self._begin_episode()
+        if self.lockstep:
+            self.create_timer(LOCKSTEP_POLL_S, self._on_lockstep_timer)
+        else:
+            # the timer runs at the physics rate in wall time at most; it catches up on missed ticks
+            self.create_timer(self.dt / max(self.rtf, 1.0), self._on_timer)
+        pace = "in lockstep with the commands" if self.lockstep else f"x {self.rtf:g} real time"
+        self.get_logger().info(f"arm_avoid simulation at {PHYSICS_RATE_HZ} Hz {pace}, "
+                               f"joints {list(JOINT_NAMES)}, seed {p['seed']}, "
+                               f"{self.max_episodes or 'unlimited'} episodes")
+
+    def _warn(self, key: str, text: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at.get(key, -math.inf) >= WARN_PERIOD_S:
+            self._warned_at[key] = now
+            self.get_logger().warning(text)
+
+    # --- episodes --------------------------------------------------------------------
+    def _begin_episode(self) -> None:
+        if self.max_episodes and self.episode + 1 >= self.max_episodes:
+            self.state = FINISHED
+            self.get_logger().info(f"all {self.max_episodes} episodes done: holding")
+            return
+        self.episode += 1
+        self.sim.reset(self.start_rng, self.sim.sample_start(self.start_rng, 1))
+        self.start_q = self.sim.q[0].copy()
+        self.target = self.start_q.copy()
+        self.trajectory = None
+        self._path = [self.sim.ee_position()[0].copy()]
+        self.state = SETTLING
+        self._settle_until = self.clock_s + self.settle_s
+        self._settle_until_wall = time.monotonic() + self.settle_s
+        self._announced_at = -math.inf
+
+    def _end_episode(self) -> None:
+        sim = self.sim
+        route = sim.route(0)
+        result = {"episode": self.episode, "success": bool(sim.success[0]), "collision": bool(sim.collision[0]),
+                  "timeout": bool(sim.timeout[0]), "route": route, "duration_s": round(float(sim.time[0]), 4),
+                  "start_q": [round(float(v), 6) for v in self.start_q],
+                  "ee_path": np.round(np.asarray(self._path), 5).tolist()}
+        self.result_pub.publish(String(data=json.dumps(result)))
+        outcome = "success" if result["success"] else "collision" if result["collision"] else "timeout"
+        self.get_logger().info(f"episode {self.episode}: {outcome}, route {route}, {result['duration_s']:.2f} s")
+        if self.auto_reset:
+            self._begin_episode()
+        else:
+            self.state = FINISHED
+
+    def _on_reset(self, request, response):
+        self._begin_episode()
+        response.success = self.state == SETTLING
+        response.message = f"episode {self.episode} starts after {self.settle_s:g} s" if response.success \
+            else f"all {self.max_episodes} episodes done"
+        return response
+
+    # --- commands --------------------------------------------------------------------
+    def _accepting(self) -> bool:
+        return self.state in (WAITING, RUNNING)
+
+    def _on_commands(self, msg: Float64MultiArray) -> None:
+        target = np.asarray(msg.data, dtype=np.float64)
+        if target.size != len(JOINT_NAMES) or not np.all(np.isfinite(target)):
+            self._warn("commands", f"ignored command on {self.resolve_topic_name('commands')}: expected "
+                                   f"{len(JOINT_NAMES)} finite positions for {list(JOINT_NAMES)}, got "
+                                   f"{list(msg.data)}")
+            return
+        if not self._accepting():
+            return
+        self.target = target
+        self.trajectory = None
+        if self.state == WAITING:
+            self.state = RUNNING
+        if self.lockstep:
+            self._lockstep_control_period()
+
+    def _on_trajectory(self, msg: JointTrajectory) -> None:
+        topic = self.resolve_topic_name("joint_trajectory")
+        if sorted(msg.joint_names) != sorted(JOINT_NAMES):
+            self._warn("trajectory", f"ignored trajectory on {topic}: joint_names {list(msg.joint_names)}, "
+                                     f"expected {list(JOINT_NAMES)} in any order")
+            return
+        order = [list(msg.joint_names).index(name) for name in JOINT_NAMES]
+        if not msg.points or any(len(p.positions) != len(JOINT_NAMES) for p in msg.points):
+            self._warn("trajectory", f"ignored trajectory on {topic}: expected points with "
+                                     f"{len(JOINT_NAMES)} positions each")
+            return
+        positions = np.asarray([p.positions for p in msg.points], dtype=np.float64)[:, order]
+        times = np.asarray([stamp_seconds(p.time_from_start) for p in msg.points])
+        if not np.all(np.isfinite(positions)) or np.any(np.diff(times) <= 0):
+            self._warn("trajectory", f"ignored trajectory on {topic}: positions must be finite and "
+                                     f"time_from_start increasing, got times {times.tolist()}")
+            return
+        if not self._accepting():
+            return
+        if self.lockstep:
+            self._warn("lockstep", "ignored trajectory: in lockstep the sim steps on 'commands' only")
+            return
+        start = stamp_seconds(msg.header.stamp) or self.clock_s
+        self.trajectory = (start, times, positions)
+        if self.state == WAITING:
+            self.state = RUNNING
+
+    def _current_target(self) -> np.ndarray:
+        if self.trajectory is not None:
+            start, times, positions = self.trajectory
+            # the first point not yet due is the one being moved to; after the last, hold it
+            index = int(np.searchsorted(times, self.clock_s - start, side="right"))
+            return positions[min(index, len(times) - 1)]
+        return self.target
+
+    # --- physics loop -------------------------------------------------------------------
+    def _on_timer(self) -> None:
+        due = int((time.monotonic() - self._wall_start) * PHYSICS_RATE_HZ * self.rtf) - self._physics_ticks
+        if due > MAX_CATCH_UP_TICKS:
+            # too far behind (a busy CPU): drop the backlog instead of running faster than real time
+            self.lagged_ticks += due - MAX_CATCH_UP_TICKS
+            self._physics_ticks += due - MAX_CATCH_UP_TICKS
+            due = MAX_CATCH_UP_TICKS
+        for _ in range(max(due, 0)):
+            self._physics_tick()
+            if self._physics_ticks % self.publish_every == 0:
+                self._publish_state()
+
+    def _on_lockstep_timer(self) -> None:
+        now = time.monotonic()
+        if self.state == SETTLING and now >= self._settle_until_wall:
+            self.state = WAITING
+        if self.state == WAITING and now - self._announced_at >= LOCKSTEP_REPEAT_S:
+            # announce, then the first observation a moment later: the policy has cleared its history by then
+            self._announced_at = now
+            self._observe_at = now + LOCKSTEP_ANNOUNCE_LEAD_S
+            self.start_pub.publish(Int32(data=self.episode))
+        if self.state == WAITING and now >= getattr(self, "_observe_at", math.inf):
+            self._observe_at = math.inf
+            self._publish_state()
+
+    def _lockstep_control_period(self) -> None:
+        """One control period of physics with the command just received, then the next observation."""
+        for _ in range(TICKS_PER_CONTROL):
+            self.clock_s += self.dt
+            self.sim.step_physics(self.target[None])
+            if self.sim.done[0]:
+                break
+        self._path.append(self.sim.ee_position()[0].copy())
+        if self.sim.done[0]:
+            self._end_episode()
+        else:
+            self._publish_state()
+
+    def _physics_tick(self) -> None:
+        self._physics_ticks += 1
+        self.clock_s += self.dt
+        if self.clock_pub is not None:
+            self.clock_pub.publish(Clock(clock=self._stamp()))
+        if self.state == SETTLING and self.clock_s >= self._settle_until:
+            self.state = WAITING
+        if self.state == WAITING and self.clock_s - self._announced_at >= 0.5:
+            # repeated while waiting, so a policy node that starts late still clears its history
+            self._announced_at = self.clock_s
+            self.start_pub.publish(Int32(data=self.episode))
+        if self.state != RUNNING:
+            return
+        self.sim.step_physics(self._current_target()[None])
+        if int(self.sim.ticks[0]) % TICKS_PER_CONTROL == 0:
+            self._path.append(self.sim.ee_position()[0].copy())
+        if self.sim.done[0]:
+            self._path.append(self.sim.ee_position()[0].copy())
+            self._end_episode()
+
+    def _stamp(self):
+        sec = int(self.clock_s)
+        return Time(sec=sec, nanosec=int((self.clock_s - sec) * 1e9))
+
+    def _publish_state(self) -> None:
+        msg = JointState(name=list(JOINT_NAMES), position=self.sim.q[0].tolist(),
+                         velocity=self.sim.qdot[0].tolist())
+        msg.header.stamp = self.get_clock().now().to_msg() if self.lockstep else self._stamp()
+        self.joint_pub.publish(msg)
+
+
+def main(args=None) -> int:
+    return run_node(ArmSimNode, "arm_sim", args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

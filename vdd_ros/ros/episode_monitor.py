@@ -1,0 +1,127 @@
+"""Scores runs over ROS: collects arm_sim_node's episode outcomes and the policy nodes' latencies.
+
+Used by ``vdd demo`` and the integration tests; runs in the caller's process with its own
+rclpy context, so the caller picks the ROS domain.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import rclpy
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from std_msgs.msg import Float64, Float64MultiArray, Int32, String
+
+from vdd_ros.ros.arm_sim_node import RESULT_QOS
+from vdd_ros.tasks import arm_avoid
+from vdd_ros.tasks.arm_avoid import N_ROUTES, behaviour_entropy
+
+
+class EpisodeMonitor:
+    """Listens on ``episode_result`` and on each watched policy node's ``~/inference_time``, ``~/expert``
+    and command topic. ``policy_nodes``: label -> (fully qualified node name, command topic)."""
+
+    def __init__(self, domain_id: int, sim_namespace: str = "", policy_nodes: dict | None = None):
+        self.context = Context()
+        rclpy.init(context=self.context, domain_id=domain_id)
+        self.node = Node("episode_monitor", context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.results: list[dict] = []
+        self.latencies: dict[str, list[float]] = {}
+        self.experts: dict[str, list[int]] = {}
+        self.commands: dict[str, list[tuple[float, list[float]]]] = {}
+        prefix = sim_namespace.rstrip("/")
+        self.node.create_subscription(String, f"{prefix}/episode_result", self._on_result, RESULT_QOS)
+        self.watched_topics = []
+        for label, (node_name, command_topic) in (policy_nodes or {}).items():
+            self.watched_topics += [f"{node_name}/inference_time", f"{node_name}/expert", command_topic]
+            self.latencies[label], self.experts[label], self.commands[label] = [], [], []
+            self.node.create_subscription(Float64, f"{node_name}/inference_time",
+                                          lambda m, k=label: self.latencies[k].append(m.data), 100)
+            self.node.create_subscription(Int32, f"{node_name}/expert",
+                                          lambda m, k=label: self.experts[k].append(m.data), 100)
+            self.node.create_subscription(Float64MultiArray, command_topic,
+                                          lambda m, k=label: self.commands[k].append((time.monotonic(),
+                                                                                       list(m.data))), 100)
+
+    def _on_result(self, msg: String) -> None:
+        self.results.append(json.loads(msg.data))
+
+    def spin_until(self, done, timeout: float, on_progress=None) -> bool:
+        """Spin until ``done()`` or ``timeout`` seconds; ``on_progress(n_results)`` after each new result."""
+        end = time.monotonic() + timeout
+        seen = len(self.results)
+        while time.monotonic() < end:
+            if done():
+                return True
+            self.executor.spin_once(timeout_sec=0.1)
+            if on_progress is not None and len(self.results) != seen:
+                seen = len(self.results)
+                on_progress(seen)
+        return done()
+
+    def wait_for_policy_nodes(self, timeout: float) -> list[str]:
+        """Spin until every watched topic has a matched publisher; returns the topics still without one."""
+        def unmatched():
+            return [t for t in self.watched_topics if self.node.count_publishers(t) == 0]
+
+        self.spin_until(lambda: not unmatched(), timeout)
+        self.spin_until(lambda: False, 0.3)  # discovery done: give the matching a moment
+        return unmatched()
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+def summarize_results(results: list[dict]) -> dict:
+    """The offline rollout metrics (``RolloutResult.to_dict`` keys) of episodes scored over ROS."""
+    results = sorted(results, key=lambda r: r["episode"])
+    routes = [r["route"] for r in results]
+    n = len(results)
+    times = [r["duration_s"] for r in results if r["success"]]
+    counts = np.bincount([r for r in routes if r is not None], minlength=N_ROUTES)
+    return {"episodes": n,
+            "success_rate": float(np.mean([r["success"] for r in results])) if n else 0.0,
+            "collision_rate": float(np.mean([r["collision"] for r in results])) if n else 0.0,
+            "entropy": behaviour_entropy(routes), "routes_covered": len({r for r in routes if r is not None}),
+            "n_routes": N_ROUTES, "route_counts": [int(c) for c in counts],
+            "mean_time_to_finish_s": float(np.mean(times)) if times else None}
+
+
+def latency_summary(seconds) -> dict:
+    arr = np.asarray(seconds, dtype=np.float64) * 1e3
+    if arr.size == 0:
+        return {"calls": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {"calls": int(arr.size), "p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)),
+            "max_ms": float(arr.max())}
+
+
+def task_frame_columns(spec) -> list[int]:
+    """Columns of the arm_avoid simulator's frame (positions then velocities) that the model's fields read."""
+    offsets, offset = {}, 0
+    for task_field in arm_avoid.task_spec(1, 1).observation_fields:
+        offsets[task_field.name] = (offset, task_field)
+        offset += task_field.size
+    columns = []
+    for model_field in spec.observation_fields:
+        if model_field.name not in offsets or offsets[model_field.name][1].size != model_field.size:
+            raise ValueError(f"observation field '{model_field.name}' (size {model_field.size}): the arm_avoid "
+                             f"simulator provides {[(n, f.size) for n, (_, f) in offsets.items()]}")
+        start = offsets[model_field.name][0]
+        columns.extend(range(start, start + model_field.size))
+    return columns
+
+
+def offline_rollout(policy, n_episodes: int, seed: int, greedy: bool, rng=None):
+    """``tasks.arm_avoid.rollout`` of a runtime Policy (``act_batch``), reading the fields its spec names."""
+    columns = task_frame_columns(policy.spec)
+    rng = np.random.default_rng(seed) if rng is None else rng
+    return arm_avoid.rollout(lambda windows: policy.act_batch(windows[..., columns], rng, greedy=greedy),
+                             n_episodes, seed=seed, history=policy.spec.history,
+                             execute_steps=policy.spec.model_info.get("execute_steps"))

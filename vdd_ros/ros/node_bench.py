@@ -1,0 +1,183 @@
+"""``vdd bench node``: can the policy node hold a high control rate with the student?
+
+The policy node runs in this process (a rclpy SingleThreadedExecutor, exactly as ``policy_node``
+runs it) at ``--rate`` Hz with ``allow_rate_override``; ``arm_sim_node`` runs in its own process
+and feeds it JointStates at 200 Hz and takes its commands, over DDS on localhost. Every tick's
+period and work time and every model call's time are recorded for ``--seconds`` after a
+warm-up. A deadline miss is a tick that starts more than 1.5 periods after the previous one,
+or whose work (observation, model call, publish) takes longer than one period.
+"""
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=None, help="exported model .onnx (default: the shipped student)")
+    parser.add_argument("--rate", type=float, default=500.0, help="control rate in Hz (default: 500)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured run length (default: 60)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds run before measuring (default: 3)")
+    parser.add_argument("--replan-every", type=int, default=1,
+                        help="ticks per model call (default: 1 = a model call every tick, the worst case; "
+                        "0 = the model's execute_steps)")
+    parser.add_argument("--device", default="cpu", help="auto, cpu or cuda (default: cpu)")
+    parser.add_argument("--realtime", type=int, default=0, metavar="PRIORITY",
+                        help="run the policy node's process under SCHED_FIFO at this priority (1-99; needs root "
+                        "or CAP_SYS_NICE, as a robot computer's control process would run); 0: normal "
+                        "scheduling (default)")
+    parser.add_argument("--domain-id", type=int, default=None,
+                        help="ROS_DOMAIN_ID of the run (default: the environment's, else 42)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--plot", default="bench_node.png",
+                        help="histogram of tick periods and inference times (PNG; empty string: no plot)")
+
+
+def _stats_ms(seconds) -> dict:
+    import numpy as np
+
+    arr = np.asarray(seconds, dtype=np.float64) * 1e3
+    if arr.size == 0:
+        return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {"n": int(arr.size), "p50_ms": round(float(np.percentile(arr, 50)), 4),
+            "p99_ms": round(float(np.percentile(arr, 99)), 4), "max_ms": round(float(arr.max()), 4)}
+
+
+def run(args) -> int:
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from vdd_ros.paths import config_file, model_file
+    from vdd_ros.ros.policy_node import LATE_TICK_FACTOR, PolicyNode
+    from vdd_ros.ros.processes import NodeProcess, ros_environment
+    from vdd_ros.runtime import load_policy
+
+    if args.rate <= 0 or args.seconds <= 0 or args.warmup < 0:
+        raise ValueError(f"--rate and --seconds must be > 0 and --warmup >= 0, got {args.rate}, {args.seconds}, "
+                         f"{args.warmup}")
+    model = Path(args.model) if args.model else model_file("student.onnx")
+    if not model.is_file():
+        raise FileNotFoundError(f"model {model}: no such file")
+    kind = load_policy(model).kind  # fails here, with its one-line message, on a bad file
+    if args.realtime:
+        if not 1 <= args.realtime <= 99:
+            raise ValueError(f"--realtime: expected a priority 1..99 or 0, got {args.realtime}")
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime))
+        except PermissionError:
+            raise ValueError(f"--realtime {args.realtime}: SCHED_FIFO needs root or CAP_SYS_NICE") from None
+    domain = args.domain_id if args.domain_id is not None else int(os.environ.get("ROS_DOMAIN_ID", "42"))
+    env = ros_environment(domain)
+    os.environ.update({k: env[k] for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID")})
+    log_dir = Path(tempfile.mkdtemp(prefix="vdd_bench_node_"))
+    sim = NodeProcess("arm_sim_node", log_dir / "arm_sim.log", env, params_files=[config_file("arm_sim.yaml")],
+                      parameters={"auto_reset": True})
+    context = Context()
+    rclpy.init(context=context, domain_id=domain)
+    overrides = [Parameter("model", value=str(model)), Parameter("control_rate_hz", value=float(args.rate)),
+                 Parameter("allow_rate_override", value=True), Parameter("replan_every", value=args.replan_every),
+                 Parameter("device", value=args.device), Parameter("max_observation_age_s", value=0.5)]
+    node = PolicyNode("bench_policy", stats_window=None, context=context, parameter_overrides=overrides)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    try:
+        node.start()
+        if node.policy is None:
+            raise ValueError(f"the policy node did not configure with {model} (see the log above)")
+        print(f"vdd bench node: {kind} model {model.name} at {args.rate:g} Hz for {args.seconds:g} s "
+              f"(after {args.warmup:g} s warm-up), arm_sim_node feeding joint_states, "
+              f"{'SCHED_FIFO ' + str(args.realtime) if args.realtime else 'normal'} scheduling")
+        end_warmup = time.monotonic() + args.warmup
+        while time.monotonic() < end_warmup:
+            executor.spin_once(timeout_sec=0.01)
+        node._reset_stats()
+        # everything alive now is long-lived: keep the collector from walking it again mid-run
+        gc.collect()
+        gc.freeze()
+        end = time.monotonic() + args.seconds
+        while time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.01)
+        periods, work, inference = list(node.tick_periods), list(node.tick_work_times), list(node.inference_times)
+        stale = node.stale_skips
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+        sim.stop()
+    period = 1.0 / args.rate
+    late = sum(p > LATE_TICK_FACTOR * period for p in periods)
+    elapsed = itertools.accumulate(periods)
+    late_at = [round(t, 3) for t, p in zip(elapsed, periods) if p > LATE_TICK_FACTOR * period]
+    overrun = sum(w > period for w in work)
+    ticks = len(work) + stale
+    result = {
+        "model": str(model), "kind": kind, "target_rate_hz": args.rate, "seconds": args.seconds,
+        "replan_every": args.replan_every, "ticks": ticks, "expected_ticks": int(args.rate * args.seconds),
+        "achieved_rate_hz": round(len(periods) / sum(periods), 3) if periods else 0.0,
+        "tick_period": _stats_ms(periods), "tick_work": _stats_ms(work), "inference": _stats_ms(inference),
+        "late_ticks": int(late), "late_ticks_at_s": late_at[:100], "overrun_ticks": int(overrun), "deadline_misses": int(late + overrun),
+        "stale_skips": int(stale), "scheduling": f"SCHED_FIFO {args.realtime}" if args.realtime else "normal",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
+                   f"{platform.python_version()}",
+    }
+    print(f"{'':16}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}{'n':>9}")
+    for label, key in (("tick period", "tick_period"), ("tick work", "tick_work"), ("inference", "inference")):
+        row = result[key]
+        print(f"{label:16}{row['p50_ms'] or 0:>10.3f}{row['p99_ms'] or 0:>10.3f}{row['max_ms'] or 0:>10.3f}"
+              f"{row['n']:>9}")
+    print(f"achieved {result['achieved_rate_hz']:.1f} Hz of {args.rate:g} Hz "
+          f"(ratio {result['achieved_rate_hz'] / args.rate:.4f}); deadline misses {result['deadline_misses']} "
+          f"({late} late ticks > {LATE_TICK_FACTOR:g} periods, {overrun} ticks with work > 1 period); "
+          f"stale skips {stale}")
+    if late_at:
+        print(f"late ticks at (s into the run): {late_at[:20]}{' ...' if len(late_at) > 20 else ''}")
+    if args.json:
+        _write_json(result, args.json)
+    if args.plot:
+        _plot(periods, inference, period, args.plot, f"policy node at {args.rate:g} Hz ({kind}, {result['machine']})")
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _write_json(result: dict, path: str) -> None:
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _plot(periods, inference, period, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].hist(np.asarray(periods) * 1e3, bins=100, color="tab:blue")
+    axes[0].axvline(period * 1e3, color="black", ls="--", label="nominal period")
+    axes[0].axvline(1.5 * period * 1e3, color="red", ls=":", label="late (1.5 periods)")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("tick period [ms]")
+    axes[0].legend()
+    axes[1].hist(np.asarray(inference) * 1e3, bins=100, color="tab:green")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("model call [ms]")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,474 @@
+"""The policy node: runs an exported model (VDD student or diffusion teacher) in a control loop.
+
+A managed (lifecycle) node. configure loads the model and checks its spec against the
+parameters; activate starts the control loop; deactivate stops commanding and holds;
+cleanup releases the model. With ``autostart`` (default) it walks itself to active.
+
+Subscribes: ``joint_states`` (sensor_msgs/JointState), the vector topics the model's spec
+names, ``episode_start`` (std_msgs/Int32: clears history and chunk, sent by arm_sim_node).
+Publishes: ``commands`` (std_msgs/Float64MultiArray) or ``joint_trajectory``
+(trajectory_msgs/JointTrajectory), ``~/expert`` (std_msgs/Int32, -1 for the teacher),
+``~/inference_time`` (std_msgs/Float64, seconds per model call), ``/diagnostics``.
+Services: ``~/reset`` (std_srvs/Trigger: clear history, chunk and expert hold).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+import time
+from collections import deque
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import PointStamped, PoseStamped
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rclpy.duration import Duration
+from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
+from rclpy.qos import qos_profile_sensor_data
+from rclpy.subscription import Subscription
+from rclpy.timer import Timer
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Float64, Float64MultiArray, Int32, MultiArrayDimension
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from vdd_ros.ros.command_executor import ChunkExecutor, ExpertHold
+from vdd_ros.ros.observation import ObservationAssembler, ObservationError, ObservationHistory, spec_mismatches
+from vdd_ros.ros.spin import run_node, stamp_seconds
+
+TRIGGERS = ("timer", "observation")
+OUTPUTS = ("commands", "joint_trajectory")
+EXPERT_SELECTIONS = ("sample", "greedy")
+DEVICES = ("auto", "cpu", "cuda")
+WARN_PERIOD_S = 2.0
+# a tick later than this many periods after the previous one counts as a deadline miss
+LATE_TICK_FACTOR = 1.5
+DIAGNOSTICS_WINDOW = 1000  # samples behind the rate and latency figures on /diagnostics
+
+
+def default_model_path() -> str:
+    try:
+        from vdd_ros.paths import model_file
+        return str(model_file("student.onnx"))
+    except FileNotFoundError:
+        return ""
+
+
+def _descriptor(kind: int, description: str, *, choices=None, float_range=None, int_range=None):
+    if choices:
+        description = f"{description} One of {list(choices)}."
+    descriptor = ParameterDescriptor(type=kind, description=description)
+    if float_range:
+        descriptor.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
+                                                              to_value=float(float_range[1]), step=0.0)]
+    if int_range:
+        descriptor.integer_range = [IntegerRange(from_value=int(int_range[0]), to_value=int(int_range[1]), step=0)]
+    return descriptor
+
+
+# name: (default, descriptor); config/policy.yaml holds the same defaults
+PARAMETERS = {
+    "model": ("", _descriptor(
+        ParameterType.PARAMETER_STRING, "Path of the exported .onnx model (student or teacher); "
+        "empty: models/student.onnx in the package's share directory.")),
+    "device": ("auto", _descriptor(ParameterType.PARAMETER_STRING,
+                                   "onnxruntime execution provider: auto picks CUDA when available; cuda:N "
+                                   "picks a GPU.",
+                                   choices=DEVICES)),
+    "intra_op_threads": (1, _descriptor(ParameterType.PARAMETER_INTEGER,
+                                        "onnxruntime threads per model call (1 is fastest for small models).",
+                                        int_range=(1, 64))),
+    "seed": (0, _descriptor(ParameterType.PARAMETER_INTEGER, "Seed of the sampling random generator.",
+                            int_range=(0, 2**31 - 1))),
+    "joint_names": ([""], _descriptor(ParameterType.PARAMETER_STRING_ARRAY,
+                                      "Joints the robot commands, in command order; must equal the model's "
+                                      "joint names. Empty (['']) = the model's.")),
+    "control_rate_hz": (0.0, _descriptor(ParameterType.PARAMETER_DOUBLE,
+                                         "Control loop rate; 0 = the rate the model was trained for. Another "
+                                         "rate is refused unless allow_rate_override.", float_range=(0.0, 10000.0))),
+    "allow_rate_override": (False, _descriptor(ParameterType.PARAMETER_BOOL,
+                                               "Run at control_rate_hz even if the model was trained for another "
+                                               "rate (benchmarks).")),
+    "trigger": ("timer", _descriptor(ParameterType.PARAMETER_STRING,
+                                     "What starts a control tick: a timer at the control rate, or each new "
+                                     "JointState.", choices=TRIGGERS)),
+    "output": ("commands", _descriptor(ParameterType.PARAMETER_STRING,
+                                       "commands: std_msgs/Float64MultiArray on 'commands', one action per tick; "
+                                       "joint_trajectory: the action chunk as a trajectory_msgs/JointTrajectory on "
+                                       "'joint_trajectory' at each replan.", choices=OUTPUTS)),
+    "replan_every": (0, _descriptor(ParameterType.PARAMETER_INTEGER,
+                                    "Ticks between model calls (actions of a chunk executed before replanning); "
+                                    "0 = the model's execute_steps, else its action horizon.", int_range=(0, 1000))),
+    "expert_selection": ("sample", _descriptor(ParameterType.PARAMETER_STRING,
+                                               "sample: draw the expert from the gating and the action from it; "
+                                               "greedy: the most likely expert's mean.", choices=EXPERT_SELECTIONS)),
+    "expert_hold_ticks": (0, _descriptor(ParameterType.PARAMETER_INTEGER,
+                                         "Keep a chosen expert at least this many control ticks (0 = off).",
+                                         int_range=(0, 100000))),
+    "expert_hold_min_weight": (0.0, _descriptor(ParameterType.PARAMETER_DOUBLE,
+                                                "After expert_hold_ticks, keep the expert while its gating weight "
+                                                "stays >= this (0 = off).", float_range=(0.0, 1.0))),
+    "noise_scale": (0.0, _descriptor(ParameterType.PARAMETER_DOUBLE,
+                                     "Student only: 0 acts with the chosen expert's mean (VDD's policy); > 0 adds "
+                                     "noise_scale times the expert's own noise. The teacher requires 0.",
+                                     float_range=(0.0, 10.0))),
+    "max_observation_age_s": (0.5, _descriptor(ParameterType.PARAMETER_DOUBLE,
+                                               "Observations older than this give no command (warning).",
+                                               float_range=(0.0, 3600.0))),
+    "diagnostics_period_s": (1.0, _descriptor(ParameterType.PARAMETER_DOUBLE,
+                                              "Period of the /diagnostics message.", float_range=(0.01, 3600.0))),
+    "autostart": (True, _descriptor(ParameterType.PARAMETER_BOOL,
+                                    "Configure and activate at start-up (else wait for lifecycle transitions).")),
+}
+
+
+class PolicyNode(LifecycleNode):
+    """``stats_window``: how many recent tick periods / inference times the statistics keep
+    (None: all, for benchmarks)."""
+
+    def __init__(self, node_name: str = "policy_node", stats_window: int | None = 2000, **kwargs):
+        super().__init__(node_name, **kwargs)
+        self.stats_window = stats_window
+        for name, (default, descriptor) in PARAMETERS.items():
+            self.declare_parameter(name, default, descriptor)
+        self.policy = None
+        self._entities = []  # publishers, subscriptions, timers, services made at configure
+        self._timer = None
+        self._reset_service = self.create_service(Trigger, "~/reset", self._on_reset)
+        self._warned_at: dict[str, float] = {}
+        self._active = False
+        self._reset_stats()
+
+    # --- parameters ----------------------------------------------------------------
+    def _param(self, name):
+        return self.get_parameter(name).value
+
+    def _read_parameters(self) -> list[str]:
+        """Copy the parameters into attributes; returns problems (one line each)."""
+        problems = []
+        choices = {"device": DEVICES, "trigger": TRIGGERS, "output": OUTPUTS, "expert_selection": EXPERT_SELECTIONS}
+        for name, allowed in choices.items():
+            value = self._param(name)
+            if value not in allowed and not (name == "device" and value.startswith("cuda:")):
+                problems.append(f"parameter {name}: expected one of {list(allowed)}, got '{self._param(name)}'")
+        self.joint_names_param = [j for j in self._param("joint_names") if j]
+        self.trigger = self._param("trigger")
+        self.output = self._param("output")
+        self.greedy = self._param("expert_selection") == "greedy"
+        self.max_age = float(self._param("max_observation_age_s"))
+        return problems
+
+    # --- lifecycle -------------------------------------------------------------------
+    def on_configure(self, state: State) -> TransitionCallbackReturn:
+        problems = self._read_parameters()
+        model_path = self._param("model") or default_model_path()
+        if problems:
+            for line in problems:
+                self.get_logger().error(line)
+            return TransitionCallbackReturn.FAILURE
+        if not model_path:
+            self.get_logger().error("parameter model: no model path given and no shipped student found")
+            return TransitionCallbackReturn.FAILURE
+        from vdd_ros.runtime import load_policy  # onnxruntime loads here, not at import
+        try:
+            policy = load_policy(model_path, device=self._param("device"),
+                                 intra_op_threads=int(self._param("intra_op_threads")),
+                                 noise_scale=float(self._param("noise_scale")))
+        except (OSError, ValueError) as err:
+            self.get_logger().error(f"cannot load model '{model_path}': {err}")
+            return TransitionCallbackReturn.FAILURE
+        spec = policy.spec
+        problems = spec_mismatches(spec, self.joint_names_param, float(self._param("control_rate_hz")),
+                                   bool(self._param("allow_rate_override")))
+        replan_every = int(self._param("replan_every")) or int(spec.model_info.get("execute_steps", 0)) \
+            or spec.action_horizon
+        if replan_every > spec.action_horizon:
+            problems.append(f"replan_every: parameter {replan_every} > model action horizon {spec.action_horizon}")
+        if problems:
+            for line in problems:
+                self.get_logger().error(f"model '{model_path}' does not fit the parameters: {line}")
+            return TransitionCallbackReturn.FAILURE
+        self.policy = policy
+        self.spec = spec
+        self.rate_hz = float(self._param("control_rate_hz")) or spec.control_rate_hz
+        self.period = 1.0 / self.rate_hz
+        self.assembler = ObservationAssembler(spec)
+        self.history = ObservationHistory(spec.history, spec.obs_step_dim)
+        self.chunk = ChunkExecutor(spec.action_horizon, replan_every)
+        self.hold = ExpertHold(int(self._param("expert_hold_ticks")), float(self._param("expert_hold_min_weight")))
+        self.rng = np.random.default_rng(int(self._param("seed")))
+        policy.warmup()
+        self._make_entities()
+        self._reset_stats()
+        self.get_logger().info(
+            f"configured: model '{model_path}' ({policy.kind}, {policy.n_experts} experts, provider "
+            f"{policy.provider}), joints {list(spec.joint_names)}, {self.rate_hz:g} Hz, history {spec.history}, "
+            f"horizon {spec.action_horizon}, replan every {replan_every} ticks, output '{self.output}'")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _make_entities(self) -> None:
+        if self.output == "commands":
+            self.command_pub = self.create_lifecycle_publisher(Float64MultiArray, "commands", 10)
+        else:
+            self.command_pub = self.create_lifecycle_publisher(JointTrajectory, "joint_trajectory", 10)
+        self.expert_pub = self.create_lifecycle_publisher(Int32, "~/expert", 10)
+        self.latency_pub = self.create_lifecycle_publisher(Float64, "~/inference_time", 10)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._entities = [self.command_pub, self.expert_pub, self.latency_pub, self.diag_pub]
+        self._entities.append(self.create_subscription(JointState, "joint_states", self._on_joint_state,
+                                                       qos_profile_sensor_data))
+        self._entities.append(self.create_subscription(Int32, "episode_start", self._on_episode_start, 10))
+        for field in self.assembler.vector_fields:
+            msg_type = {"std_msgs/Float64MultiArray": Float64MultiArray, "geometry_msgs/PointStamped": PointStamped,
+                        "geometry_msgs/PoseStamped": PoseStamped}[field.msg_type]
+            self._entities.append(self.create_subscription(
+                msg_type, field.topic, lambda msg, name=field.name: self._on_vector(name, msg), 10))
+        self._entities.append(self.create_timer(float(self._param("diagnostics_period_s")), self._publish_diagnostics))
+
+    def _destroy_entities(self) -> None:
+        for entity in self._entities:
+            if isinstance(entity, Timer):
+                self.destroy_timer(entity)
+            elif isinstance(entity, Subscription):
+                self.destroy_subscription(entity)
+            elif entity is self.diag_pub:
+                self.destroy_publisher(entity)
+            else:
+                self.destroy_lifecycle_publisher(entity)
+        self._entities = []
+
+    def on_activate(self, state: State) -> TransitionCallbackReturn:
+        self._reset_policy_state()
+        if self.trigger == "timer":
+            self._timer = self.create_timer(self.period, self._control_tick)
+        self._active = True
+        self.get_logger().info(f"active: commanding at {self.rate_hz:g} Hz ({self.trigger} trigger)")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: State) -> TransitionCallbackReturn:
+        self._active = False
+        if self._timer is not None:
+            self.destroy_timer(self._timer)
+            self._timer = None
+        self._publish_hold()
+        self.get_logger().info("inactive: holding the last measured position, no commands")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: State) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: State) -> TransitionCallbackReturn:
+        self._active = False
+        if self._timer is not None:
+            self.destroy_timer(self._timer)
+            self._timer = None
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        self._destroy_entities()
+        self.policy = None
+
+    # --- start-up ------------------------------------------------------------------------
+    def start(self) -> None:
+        """With ``autostart``: configure, then activate (run_node calls this before spinning)."""
+        self._read_parameters()
+        if not self._param("autostart"):
+            self.get_logger().info("autostart is false: waiting for lifecycle transitions")
+            return
+        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            self.get_logger().error("configure failed: staying unconfigured (fix the parameters, then "
+                                    "'ros2 lifecycle set <node> configure')")
+            return
+        self.trigger_activate()
+
+    # --- state ---------------------------------------------------------------------
+    def _reset_stats(self) -> None:
+        self._tick = 0
+        self._last_tick_time: float | None = None
+        self.tick_periods: deque[float] = deque(maxlen=self.stats_window)
+        self.tick_work_times: deque[float] = deque(maxlen=self.stats_window)
+        self.inference_times: deque[float] = deque(maxlen=self.stats_window)
+        self.deadline_misses = 0
+        self.stale_skips = 0
+        self.invalid_inputs = 0
+        self.commands_sent = 0
+        self._last_age = math.inf
+
+    def _reset_policy_state(self) -> None:
+        if self.policy is None:
+            return
+        self.history.clear()
+        self.chunk.clear()
+        self.hold.clear()
+
+    def _on_reset(self, request, response):
+        self._reset_policy_state()
+        response.success = self.policy is not None
+        response.message = "cleared history, action chunk and expert hold" if response.success \
+            else "not configured: nothing to clear"
+        return response
+
+    def _on_episode_start(self, msg: Int32) -> None:
+        self._reset_policy_state()
+        self.get_logger().debug(f"episode {msg.data} starts: history and chunk cleared")
+
+    def _warn(self, key: str, text: str) -> None:
+        """A warning at most every WARN_PERIOD_S per distinct text (wall clock)."""
+        now = time.monotonic()
+        if now - self._warned_at.get(key, -math.inf) >= WARN_PERIOD_S:
+            self._warned_at[key] = now
+            self.get_logger().warning(text)
+
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    # --- inputs --------------------------------------------------------------------
+    def _on_joint_state(self, msg: JointState) -> None:
+        if self.policy is None:
+            return
+        stamp = stamp_seconds(msg.header.stamp) or self._now()
+        try:
+            self.assembler.update_joint_state(msg.name, msg.position, msg.velocity, stamp)
+        except ObservationError as err:
+            self.invalid_inputs += 1
+            self._warn(str(err), f"ignored JointState on {self.resolve_topic_name('joint_states')}: {err}")
+            return
+        if self._active and self.trigger == "observation":
+            self._control_tick()
+
+    def _on_vector(self, field_name: str, msg) -> None:
+        if isinstance(msg, Float64MultiArray):
+            values, stamp = msg.data, self._now()
+        elif isinstance(msg, PointStamped):
+            values, stamp = (msg.point.x, msg.point.y, msg.point.z), stamp_seconds(msg.header.stamp)
+        else:
+            p, o = msg.pose.position, msg.pose.orientation
+            values, stamp = (p.x, p.y, p.z, o.x, o.y, o.z, o.w), stamp_seconds(msg.header.stamp)
+        try:
+            self.assembler.update_vector(field_name, values, stamp or self._now())
+        except ObservationError as err:
+            self.invalid_inputs += 1
+            self._warn(str(err), f"ignored observation: {err}")
+
+    # --- control loop ----------------------------------------------------------------
+    def _control_tick(self) -> None:
+        if not self._active or self.policy is None:
+            return
+        started = time.perf_counter()
+        if self._last_tick_time is not None:
+            period = started - self._last_tick_time
+            self.tick_periods.append(period)
+            if period > LATE_TICK_FACTOR * self.period:
+                self.deadline_misses += 1
+        self._last_tick_time = started
+        age = self.assembler.age(self._now())
+        self._last_age = age
+        if age > self.max_age:
+            self.stale_skips += 1
+            missing = self.assembler.missing()
+            reason = f"no message yet on {missing}" if missing else \
+                f"observation is {age:.3f} s old > max_observation_age_s {self.max_age}"
+            self._warn("stale", f"no command: {reason}")
+            return
+        self.history.push(self.assembler.frame())
+        if self.chunk.needs_plan:
+            self._plan()
+            if self.output == "joint_trajectory":
+                self._publish_trajectory(self.chunk.remaining())
+        action = self.chunk.next_action()
+        if self.output == "commands":
+            self.command_pub.publish(Float64MultiArray(data=action.tolist()))
+        self.commands_sent += 1
+        self._tick += 1
+        work = time.perf_counter() - started
+        self.tick_work_times.append(work)
+        if work > self.period:
+            self.deadline_misses += 1
+
+    def _plan(self) -> None:
+        window = self.history.window()
+        held = self.hold.candidate(self._tick) if self.policy.n_experts else None
+        t0 = time.perf_counter()
+        out = self.policy.act_detailed(window, self.rng, greedy=self.greedy, expert=held)
+        if held is not None and not self.hold.keeps(self._tick, out.gating):
+            # the held expert's weight dropped below the threshold here: choose afresh
+            self.hold.release()
+            held = None
+            out = self.policy.act_detailed(window, self.rng, greedy=self.greedy, expert=None)
+        elapsed = time.perf_counter() - t0
+        self.inference_times.append(elapsed)
+        self.chunk.load(out.actions)
+        if out.expert >= 0:
+            self.hold.record(self._tick, out.expert, held=held is not None)
+        self.expert_pub.publish(Int32(data=int(out.expert)))
+        self.latency_pub.publish(Float64(data=elapsed))
+
+    def _publish_trajectory(self, actions: np.ndarray) -> None:
+        msg = JointTrajectory()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.joint_names = list(self.spec.joint_names)
+        for i, action in enumerate(actions):
+            # action i is the target held during [i, i+1) control periods: it is due at their end
+            due = Duration(nanoseconds=int(round((i + 1) * self.period * 1e9))).to_msg()
+            msg.points.append(JointTrajectoryPoint(positions=action.tolist(), time_from_start=due))
+        self.command_pub.publish(msg)
+
+    def _publish_hold(self) -> None:
+        """On deactivate: command the last measured position so the arm stops where it is."""
+        if self.policy is None:
+            return
+        q = self.assembler.joint_positions()
+        if q is None:
+            return
+        if self.output == "commands":
+            msg = Float64MultiArray(data=q.tolist())
+            dim = MultiArrayDimension(label="joints", size=len(q), stride=len(q))
+            msg.layout.dim.append(dim)
+        else:
+            msg = JointTrajectory(joint_names=list(self.spec.joint_names),
+                                  points=[JointTrajectoryPoint(positions=q.tolist())])
+            msg.header.stamp = self.get_clock().now().to_msg()
+        # lifecycle publishers are still enabled here: super().on_deactivate disables them afterwards
+        self.command_pub.publish(msg)
+
+    # --- diagnostics -----------------------------------------------------------------
+    def _publish_diagnostics(self) -> None:
+        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: policy", hardware_id="vdd_ros")
+        # the latest samples only: the benchmark keeps them all, and sorting those would stall the loop
+        periods = np.fromiter(itertools.islice(reversed(self.tick_periods), DIAGNOSTICS_WINDOW), np.float64)
+        latency = np.fromiter(itertools.islice(reversed(self.inference_times), DIAGNOSTICS_WINDOW), np.float64)
+        values = {
+            "model_kind": self.policy.kind if self.policy else "none",
+            "provider": self.policy.provider if self.policy else "none",
+            "active": str(self._active),
+            "control_rate_target_hz": f"{getattr(self, 'rate_hz', 0.0):.3f}",
+            "control_rate_achieved_hz": f"{1.0 / periods.mean():.3f}" if periods.size else "0",
+            "inference_p50_ms": f"{np.percentile(latency, 50) * 1e3:.3f}" if latency.size else "nan",
+            "inference_p99_ms": f"{np.percentile(latency, 99) * 1e3:.3f}" if latency.size else "nan",
+            "observation_age_s": f"{self._last_age:.4f}",
+            "deadline_misses": str(self.deadline_misses),
+            "stale_skips": str(self.stale_skips),
+            "invalid_inputs": str(self.invalid_inputs),
+            "commands_sent": str(self.commands_sent),
+        }
+        status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
+        if not self._active:
+            status.level, status.message = DiagnosticStatus.WARN, "inactive"
+        elif self.stale_skips or self.invalid_inputs:
+            status.level, status.message = DiagnosticStatus.WARN, "skipped ticks (stale or invalid observations)"
+        else:
+            status.level, status.message = DiagnosticStatus.OK, "running"
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diag_pub.publish(array)
+
+
+def main(args=None) -> int:
+    return run_node(PolicyNode, "policy_node", args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
