@@ -132,7 +132,8 @@ SEED = 11
 
 
 def offline_greedy(model_path, n_episodes, seed):
-    return offline_rollout(load_policy(model_path), n_episodes, seed, greedy=True)
+    # one episode per call, as the node calls the model: the same float32 rounding, the same argmax
+    return offline_rollout(load_policy(model_path), n_episodes, seed, greedy=True, batch_size=1)
 
 
 def run_episodes_over_ros(tmp_path, domain_id, model, n_episodes, sim_parameters, policy_parameters, timeout):

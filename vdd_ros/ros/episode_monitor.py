@@ -118,10 +118,14 @@ def task_frame_columns(spec) -> list[int]:
     return columns
 
 
-def offline_rollout(policy, n_episodes: int, seed: int, greedy: bool, rng=None):
-    """``tasks.arm_avoid.rollout`` of a runtime Policy (``act_batch``), reading the fields its spec names."""
+def offline_rollout(policy, n_episodes: int, seed: int, greedy: bool, rng=None, batch_size: int = 128):
+    """``tasks.arm_avoid.rollout`` of a runtime Policy (``act_batch``), reading the fields its spec names.
+
+    ``batch_size=1`` reproduces the node's single-observation calls bit for bit (onnxruntime's kernels,
+    and so the float32 rounding, depend on the batch size, which can flip a near-tie between experts).
+    """
     columns = task_frame_columns(policy.spec)
     rng = np.random.default_rng(seed) if rng is None else rng
     return arm_avoid.rollout(lambda windows: policy.act_batch(windows[..., columns], rng, greedy=greedy),
                              n_episodes, seed=seed, history=policy.spec.history,
-                             execute_steps=policy.spec.model_info.get("execute_steps"))
+                             execute_steps=policy.spec.model_info.get("execute_steps"), batch_size=batch_size)
