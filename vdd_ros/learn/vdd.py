@@ -22,6 +22,11 @@ What the 2-D check needed beyond that (measured; see the method page's pitfalls)
   light one uncovered);
 - linear learning-rate decay counted in iterations; the gating's decays over its own
   (pre-freeze) iterations.
+
+What the arm task needed (measured; off by default): a supervised warm start that puts expert z
+on the z-th ranked teacher sample at every state (``warm_start_iterations``). Experts started at
+uniform means far from the data all followed the teacher's unreliable off-manifold score onto
+the same route (behaviour entropy 0.0).
 """
 from __future__ import annotations
 
@@ -96,6 +101,14 @@ class VDDConfig:
     reinit_fractions: tuple[float, ...] = (0.15, 0.3, 0.45)  # when (fractions of the run); () disables
     reinit_distance: float = 1.0  # duplicate if |mu_i - mu_j| / std_i averaged over states is below this
     reinit_batch_size: int = 4096  # demonstrations scored to find the worst-explained region
+    # Warm start (before the VDD iterations, needs teacher.sample): expert z's mean is regressed onto
+    # the z-th of Z teacher samples per state ranked along one fixed direction (the main direction in
+    # which the teacher's samples at one state differ), so the experts start ON the teacher's modes,
+    # each on a different one and consistently across states. Far from the data the teacher's score
+    # is unreliable and pulls experts that start off-manifold onto the same route. 0: no warm start.
+    warm_start_iterations: int = 0
+    warm_start_candidates: int = 4  # teacher samples drawn per expert and state; the ranked quantiles are kept
+    warm_start_lr: float = 1e-2  # Adam learning rate of the warm start (decays linearly over its iterations)
     seed: int = 0  # seeds parameters, batches, samples and sigma draws
     device: str = "cpu"
     num_threads: int | None = 1  # torch.set_num_threads for the run (one thread is fastest for small nets); None: leave
@@ -108,7 +121,7 @@ class VDDConfig:
             check_int(owner, name, getattr(self, name), 1)
         for name in ("gating_steps_per_iter", "seed"):
             check_int(owner, name, getattr(self, name), 0)
-        for name in ("expert_lr", "gating_lr", "min_std", "init_std"):
+        for name in ("expert_lr", "gating_lr", "warm_start_lr", "min_std", "init_std"):
             check_float(owner, name, getattr(self, name), 0.0, strict=True)
         for name in ("sigma_min", "sigma_max", "sigma_final_min", "sigma_final_max", "mean_init_spread",
                      "dead_expert_threshold"):
@@ -142,6 +155,8 @@ class VDDConfig:
             fail_field(f"{owner}.dead_expert_threshold", f"a number < 1/n_experts={1.0 / self.n_experts:g}",
                   self.dead_expert_threshold)
         check_int(owner, "reinit_batch_size", self.reinit_batch_size, 1)
+        check_int(owner, "warm_start_iterations", self.warm_start_iterations, 0)
+        check_int(owner, "warm_start_candidates", self.warm_start_candidates, 1)
         check_float(owner, "reinit_distance", self.reinit_distance, 0.0, strict=True)
         if not isinstance(self.reinit_fractions, (tuple, list)):
             fail_field(f"{owner}.reinit_fractions", "a list of numbers in (0, 1)", self.reinit_fractions)
@@ -336,6 +351,57 @@ def reinitialise_experts(model: MixtureOfExpertsPolicy, experts: list[int], obs:
     return experts[:len(targets)]
 
 
+def ranking_direction(teacher, obs: torch.Tensor, n_samples: int, generator: torch.Generator) -> torch.Tensor:
+    """Unit vector ``[A]``: the first principal direction of teacher samples around their per-state mean."""
+    with torch.no_grad():
+        samples = torch.stack([teacher.sample(obs, generator=generator) for _ in range(n_samples)], 1)
+    check_finite(-1, "teacher sample", samples, (obs.shape[0], n_samples, teacher.act_dim))
+    deviations = (samples - samples.mean(1, keepdim=True)).reshape(-1, teacher.act_dim).to(torch.float32)
+    return torch.linalg.svd(deviations, full_matrices=False).Vh[0]
+
+
+def ranked_teacher_targets(teacher, obs: torch.Tensor, n_experts: int, candidates: int, direction: torch.Tensor,
+                           generator: torch.Generator) -> torch.Tensor:
+    """``[B, Z, A]``: per state, Z*candidates teacher samples sorted along ``direction``; the middle
+    sample of the z-th block of ``candidates`` is expert z's target (its quantile (z + 0.5) / Z)."""
+    batch, n_draws = obs.shape[0], n_experts * candidates
+    with torch.no_grad():
+        draws = teacher.sample(obs.repeat_interleave(n_draws, 0), generator=generator).to(torch.float32)
+    check_finite(-1, "teacher sample", draws, (batch * n_draws, teacher.act_dim))
+    draws = draws.reshape(batch, n_draws, teacher.act_dim)
+    order = torch.argsort(draws @ direction, dim=1)
+    picks = order[:, candidates // 2::candidates]  # [B, Z]
+    return torch.gather(draws, 1, picks.unsqueeze(-1).expand(batch, n_experts, teacher.act_dim))
+
+
+def warm_start(model: MixtureOfExpertsPolicy, teacher, obs_all: torch.Tensor, config: VDDConfig,
+               generator: torch.Generator, bar=None) -> list[float]:
+    """Regress every expert's mean onto its ranked teacher sample (see VDDConfig.warm_start_iterations)."""
+    def draw(size: int) -> torch.Tensor:
+        return obs_all[torch.randint(obs_all.shape[0], (size,), generator=generator, device=obs_all.device)]
+
+    direction = ranking_direction(teacher, draw(256), 16, generator)
+    optimiser = torch.optim.Adam(expert_parameters(model), lr=config.warm_start_lr)
+    losses = []
+    for iteration in range(config.warm_start_iterations):
+        for group in optimiser.param_groups:
+            group["lr"] = config.warm_start_lr * config.lr_factor(iteration, config.warm_start_iterations)
+        obs = draw(config.batch_size)
+        targets = ranked_teacher_targets(teacher, obs, model.n_experts, config.warm_start_candidates, direction,
+                                         generator)
+        loss = (model.expert_means(model.features(obs)) - targets).pow(2).sum(-1).mean()
+        check_finite(iteration, "warm-start loss", loss)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            if iteration % 20 == 0:
+                bar.set_postfix(warm_start_loss=f"{loss.item():.3g}")
+    return losses
+
+
 def build_student(config: VDDConfig, obs_dim: int, act_dim: int) -> MixtureOfExpertsPolicy:
     if obs_dim % config.history != 0:
         fail_field("VDDConfig.history", f"a divisor of the observation width {obs_dim}", config.history)
@@ -382,6 +448,9 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
     elif config.gating_steps_per_iter > 0 and not can_sample(teacher):
         raise ValueError("actions: expected demonstration actions, got None, and the teacher has no "
                          "sample(obs) method to draw them instead")
+    if config.warm_start_iterations > 0 and not can_sample(teacher):
+        raise ValueError(f"VDDConfig.warm_start_iterations: expected 0 for a teacher without sample(obs), "
+                         f"got {config.warm_start_iterations}")
 
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
@@ -390,7 +459,7 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
     generator = torch.Generator(device=device).manual_seed(config.seed)
     expert_opt = torch.optim.Adam(expert_parameters(model), lr=config.expert_lr)
     gating_opt = torch.optim.Adam(model.gating_net.parameters(), lr=config.gating_lr)
-    history = {"expert_loss": [], "gating_loss": [], "warnings": [], "reinitialised": []}
+    history = {"expert_loss": [], "gating_loss": [], "warnings": [], "reinitialised": [], "warm_start_loss": []}
     reinit_iterations = {round(fraction * config.iterations) for fraction in config.reinit_fractions}
     n_states = obs_all.shape[0]
 
@@ -410,7 +479,9 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=config.iterations, desc="VDD", unit="it")
+        bar = tqdm(total=config.iterations + config.warm_start_iterations, desc="VDD", unit="it")
+    if config.warm_start_iterations > 0:
+        history["warm_start_loss"] = warm_start(model, teacher, obs_all, config, generator, bar)
     for iteration in range(config.iterations):
         for group in expert_opt.param_groups:
             group["lr"] = config.expert_lr * config.lr_factor(iteration)
