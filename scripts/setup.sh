@@ -38,13 +38,14 @@ echo "setup: installing vdd_ros (non-editable, so launch/ config/ models/ land i
   | grep -v "is ignored: it is neither a file nor a directory" || true
 rm -rf build ./*.egg-info
 activate="$venv/bin/activate"
-if ! grep -q "vdd_ros environment" "$activate"; then
+if ! grep -q "ORT_DISABLE_TELEMETRY" "$activate"; then
   cat >> "$activate" <<'ACT'
 # vdd_ros environment: the ament index finds pip-installed packages under the venv prefix;
-# DDS discovery stays on this machine unless the caller chose otherwise.
+# DDS discovery stays on this machine and onnxruntime sends no telemetry, unless the caller chose otherwise.
 export AMENT_PREFIX_PATH="$VIRTUAL_ENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
 export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export ORT_DISABLE_TELEMETRY="${ORT_DISABLE_TELEMETRY:-1}"
 ACT
 fi
 echo "setup: done; activate with: source $activate"
