@@ -11,7 +11,6 @@ them; it is the baseline VDD is compared against.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field, asdict
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from vdd_ros.learn.backbones import BackboneConfig
 from vdd_ros.learn.moe import COVARIANCES, GATINGS, MixtureOfExpertsPolicy
 from vdd_ros.learn.vdd import LR_DECAYS, check_float, check_int, fail_field, as_tensor, check_finite, \
-    expert_parameters, mean_gating_weights, posterior_log_probs
+    expert_parameters, finish_training, posterior_log_probs
 
 
 @dataclass
@@ -168,14 +167,4 @@ def train_em(observations, actions, config: EMConfig, progress: bool = True, cal
     if bar is not None:
         bar.close()
 
-    weights = mean_gating_weights(model, obs_all)
-    dead = [int(z) for z in np.flatnonzero(weights < config.dead_expert_threshold)]
-    if dead:
-        message = (f"EM: {len(dead)} dead expert(s) {dead}: mean gating weight below "
-                   f"{config.dead_expert_threshold:g}")
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        history["warnings"].append(message)
-    history.update(dead_experts=dead, mean_gating_weights=weights.tolist(),
-                   wall_time_s=time.perf_counter() - start, config=config.to_dict())
-    model.training_history = history
-    return model.eval()
+    return finish_training(model, obs_all, config, history, start, "EM")

@@ -528,12 +528,18 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
     if bar is not None:
         bar.close()
 
+    return finish_training(model, obs_all, config, history, start, "VDD")
+
+
+def finish_training(model: MixtureOfExpertsPolicy, obs_all: torch.Tensor, config, history: dict, start: float,
+                    method: str) -> MixtureOfExpertsPolicy:
+    """Detect and report dead experts, complete ``history`` and attach it to the model (VDD and EM alike)."""
     weights = mean_gating_weights(model, obs_all)
     dead = [int(z) for z in np.flatnonzero(weights < config.dead_expert_threshold)]
     if dead:
-        message = (f"VDD: {len(dead)} dead expert(s) {dead}: mean gating weight below "
+        message = (f"{method}: {len(dead)} dead expert(s) {dead}: mean gating weight below "
                    f"{config.dead_expert_threshold:g} ({[round(float(weights[z]), 5) for z in dead]})")
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
         history["warnings"].append(message)
     history.update(dead_experts=dead, mean_gating_weights=weights.tolist(),
                    wall_time_s=time.perf_counter() - start, config=config.to_dict())

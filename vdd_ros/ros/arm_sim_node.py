@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 from builtin_interfaces.msg import Time
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rcl_interfaces.msg import ParameterType
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
@@ -41,7 +41,7 @@ from std_msgs.msg import Float64MultiArray, Int32, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from vdd_ros.ros.spin import run_node, stamp_seconds
+from vdd_ros.ros.spin import parameter_descriptor, run_node, stamp_seconds
 from vdd_ros.tasks.arm_avoid import JOINT_NAMES, PHYSICS_RATE_HZ, TICKS_PER_CONTROL, ArmSim
 
 WARN_PERIOD_S = 2.0
@@ -57,35 +57,25 @@ LOCKSTEP_ANNOUNCE_LEAD_S = 0.05
 SETTLING, WAITING, RUNNING, FINISHED = "settling", "waiting_for_command", "running", "finished"
 
 
-def _descriptor(kind, description, float_range=None, int_range=None):
-    descriptor = ParameterDescriptor(type=kind, description=description)
-    if float_range:
-        descriptor.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
-                                                              to_value=float(float_range[1]), step=0.0)]
-    if int_range:
-        descriptor.integer_range = [IntegerRange(from_value=int(int_range[0]), to_value=int(int_range[1]), step=0)]
-    return descriptor
-
-
 PARAMETERS = {
-    "seed": (0, _descriptor(ParameterType.PARAMETER_INTEGER, "Seed of the episode start poses (as offline "
+    "seed": (0, parameter_descriptor(ParameterType.PARAMETER_INTEGER, "Seed of the episode start poses (as offline "
                                                              "rollouts with the same seed).", int_range=(0, 2**31 - 1))),
-    "auto_reset": (True, _descriptor(ParameterType.PARAMETER_BOOL, "Start the next episode when one ends.")),
-    "max_episodes": (0, _descriptor(ParameterType.PARAMETER_INTEGER, "Stop after this many episodes "
+    "auto_reset": (True, parameter_descriptor(ParameterType.PARAMETER_BOOL, "Start the next episode when one ends.")),
+    "max_episodes": (0, parameter_descriptor(ParameterType.PARAMETER_INTEGER, "Stop after this many episodes "
                                                                      "(0 = never).", int_range=(0, 10**9))),
-    "settle_s": (0.25, _descriptor(ParameterType.PARAMETER_DOUBLE, "Seconds the start pose is held still "
+    "settle_s": (0.25, parameter_descriptor(ParameterType.PARAMETER_DOUBLE, "Seconds the start pose is held still "
                                                                    "(commands ignored) before an episode starts.",
                                    float_range=(0.0, 60.0))),
-    "real_time_factor": (1.0, _descriptor(ParameterType.PARAMETER_DOUBLE, "Simulated seconds per wall-clock "
+    "real_time_factor": (1.0, parameter_descriptor(ParameterType.PARAMETER_DOUBLE, "Simulated seconds per wall-clock "
                                                                          "second.", float_range=(0.05, 20.0))),
-    "publish_clock": (False, _descriptor(ParameterType.PARAMETER_BOOL, "Publish the simulated time on /clock "
+    "publish_clock": (False, parameter_descriptor(ParameterType.PARAMETER_BOOL, "Publish the simulated time on /clock "
                                                                        "(run other nodes with use_sim_time).")),
-    "lockstep": (False, _descriptor(ParameterType.PARAMETER_BOOL,
+    "lockstep": (False, parameter_descriptor(ParameterType.PARAMETER_BOOL,
                                     "Step one control period per command: joint_states go out once per control "
                                     "period and the physics waits for the next command on 'commands' (run the "
                                     "policy node with trigger:=observation, output:=commands). As fast as the "
                                     "policy answers, and scored exactly like an offline rollout.")),
-    "publish_every": (1, _descriptor(ParameterType.PARAMETER_INTEGER, "Publish joint_states every this many "
+    "publish_every": (1, parameter_descriptor(ParameterType.PARAMETER_INTEGER, "Publish joint_states every this many "
                                                                       "physics ticks.", int_range=(1, 1000))),
 }
 

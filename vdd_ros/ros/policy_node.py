@@ -22,7 +22,7 @@ from collections import deque
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PointStamped, PoseStamped
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rcl_interfaces.msg import ParameterType
 from rclpy.duration import Duration
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
@@ -35,7 +35,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from vdd_ros.ros.command_executor import ChunkExecutor, ExpertHold
 from vdd_ros.ros.observation import ObservationAssembler, ObservationError, ObservationHistory, spec_mismatches
-from vdd_ros.ros.spin import run_node, stamp_seconds
+from vdd_ros.ros.spin import parameter_descriptor, run_node, stamp_seconds
 
 TRIGGERS = ("timer", "observation")
 OUTPUTS = ("commands", "joint_trajectory")
@@ -55,70 +55,58 @@ def default_model_path() -> str:
         return ""
 
 
-def _descriptor(kind: int, description: str, *, choices=None, float_range=None, int_range=None):
-    if choices:
-        description = f"{description} One of {list(choices)}."
-    descriptor = ParameterDescriptor(type=kind, description=description)
-    if float_range:
-        descriptor.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
-                                                              to_value=float(float_range[1]), step=0.0)]
-    if int_range:
-        descriptor.integer_range = [IntegerRange(from_value=int(int_range[0]), to_value=int(int_range[1]), step=0)]
-    return descriptor
-
-
 # name: (default, descriptor); config/policy.yaml holds the same defaults
 PARAMETERS = {
-    "model": ("", _descriptor(
+    "model": ("", parameter_descriptor(
         ParameterType.PARAMETER_STRING, "Path of the exported .onnx model (student or teacher); "
         "empty: models/student.onnx in the package's share directory.")),
-    "device": ("auto", _descriptor(ParameterType.PARAMETER_STRING,
+    "device": ("auto", parameter_descriptor(ParameterType.PARAMETER_STRING,
                                    "onnxruntime execution provider: auto picks CUDA when available; cuda:N "
                                    "picks a GPU.",
                                    choices=DEVICES)),
-    "intra_op_threads": (1, _descriptor(ParameterType.PARAMETER_INTEGER,
+    "intra_op_threads": (1, parameter_descriptor(ParameterType.PARAMETER_INTEGER,
                                         "onnxruntime threads per model call (1 is fastest for small models).",
                                         int_range=(1, 64))),
-    "seed": (0, _descriptor(ParameterType.PARAMETER_INTEGER, "Seed of the sampling random generator.",
+    "seed": (0, parameter_descriptor(ParameterType.PARAMETER_INTEGER, "Seed of the sampling random generator.",
                             int_range=(0, 2**31 - 1))),
-    "joint_names": ([""], _descriptor(ParameterType.PARAMETER_STRING_ARRAY,
+    "joint_names": ([""], parameter_descriptor(ParameterType.PARAMETER_STRING_ARRAY,
                                       "Joints the robot commands, in command order; must equal the model's "
                                       "joint names. Empty (['']) = the model's.")),
-    "control_rate_hz": (0.0, _descriptor(ParameterType.PARAMETER_DOUBLE,
+    "control_rate_hz": (0.0, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
                                          "Control loop rate; 0 = the rate the model was trained for. Another "
                                          "rate is refused unless allow_rate_override.", float_range=(0.0, 10000.0))),
-    "allow_rate_override": (False, _descriptor(ParameterType.PARAMETER_BOOL,
+    "allow_rate_override": (False, parameter_descriptor(ParameterType.PARAMETER_BOOL,
                                                "Run at control_rate_hz even if the model was trained for another "
                                                "rate (benchmarks).")),
-    "trigger": ("timer", _descriptor(ParameterType.PARAMETER_STRING,
+    "trigger": ("timer", parameter_descriptor(ParameterType.PARAMETER_STRING,
                                      "What starts a control tick: a timer at the control rate, or each new "
                                      "JointState.", choices=TRIGGERS)),
-    "output": ("commands", _descriptor(ParameterType.PARAMETER_STRING,
+    "output": ("commands", parameter_descriptor(ParameterType.PARAMETER_STRING,
                                        "commands: std_msgs/Float64MultiArray on 'commands', one action per tick; "
                                        "joint_trajectory: the action chunk as a trajectory_msgs/JointTrajectory on "
                                        "'joint_trajectory' at each replan.", choices=OUTPUTS)),
-    "replan_every": (0, _descriptor(ParameterType.PARAMETER_INTEGER,
+    "replan_every": (0, parameter_descriptor(ParameterType.PARAMETER_INTEGER,
                                     "Ticks between model calls (actions of a chunk executed before replanning); "
                                     "0 = the model's execute_steps, else its action horizon.", int_range=(0, 1000))),
-    "expert_selection": ("sample", _descriptor(ParameterType.PARAMETER_STRING,
+    "expert_selection": ("sample", parameter_descriptor(ParameterType.PARAMETER_STRING,
                                                "sample: draw the expert from the gating and the action from it; "
                                                "greedy: the most likely expert's mean.", choices=EXPERT_SELECTIONS)),
-    "expert_hold_ticks": (0, _descriptor(ParameterType.PARAMETER_INTEGER,
+    "expert_hold_ticks": (0, parameter_descriptor(ParameterType.PARAMETER_INTEGER,
                                          "Keep a chosen expert at least this many control ticks (0 = off).",
                                          int_range=(0, 100000))),
-    "expert_hold_min_weight": (0.0, _descriptor(ParameterType.PARAMETER_DOUBLE,
+    "expert_hold_min_weight": (0.0, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
                                                 "After expert_hold_ticks, keep the expert while its gating weight "
                                                 "stays >= this (0 = off).", float_range=(0.0, 1.0))),
-    "noise_scale": (0.0, _descriptor(ParameterType.PARAMETER_DOUBLE,
+    "noise_scale": (0.0, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
                                      "Student only: 0 acts with the chosen expert's mean (VDD's policy); > 0 adds "
                                      "noise_scale times the expert's own noise. The teacher requires 0.",
                                      float_range=(0.0, 10.0))),
-    "max_observation_age_s": (0.5, _descriptor(ParameterType.PARAMETER_DOUBLE,
+    "max_observation_age_s": (0.5, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
                                                "Observations older than this give no command (warning).",
                                                float_range=(0.0, 3600.0))),
-    "diagnostics_period_s": (1.0, _descriptor(ParameterType.PARAMETER_DOUBLE,
+    "diagnostics_period_s": (1.0, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
                                               "Period of the /diagnostics message.", float_range=(0.01, 3600.0))),
-    "autostart": (True, _descriptor(ParameterType.PARAMETER_BOOL,
+    "autostart": (True, parameter_descriptor(ParameterType.PARAMETER_BOOL,
                                     "Configure and activate at start-up (else wait for lifecycle transitions).")),
 }
 

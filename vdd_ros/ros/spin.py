@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 
 import rclpy
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy_impl
 
@@ -40,3 +41,17 @@ def run_node(node_class, node_name: str, args=None) -> int:
         node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+def parameter_descriptor(kind: int, description: str, *, choices=None, float_range=None,
+                         int_range=None) -> ParameterDescriptor:
+    """A ParameterDescriptor with its type, description (listing ``choices``) and numeric range."""
+    if choices:
+        description = f"{description} One of {list(choices)}."
+    descriptor = ParameterDescriptor(type=kind, description=description)
+    if float_range:
+        descriptor.floating_point_range = [FloatingPointRange(from_value=float(float_range[0]),
+                                                              to_value=float(float_range[1]), step=0.0)]
+    if int_range:
+        descriptor.integer_range = [IntegerRange(from_value=int(int_range[0]), to_value=int(int_range[1]), step=0)]
+    return descriptor
