@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from vdd_ros.learn.backbones import BackboneConfig
-from vdd_ros.learn.moe import COVARIANCES, GATINGS, MixtureOfExpertsPolicy
-from vdd_ros.learn.vdd import LR_DECAYS, check_float, check_int, fail_field, as_tensor, check_finite, \
-    expert_parameters, finish_training, posterior_log_probs
+from vdd_ros.learn.moe import MixtureOfExpertsPolicy
+from vdd_ros.learn.vdd import check_float, check_int, fail_field, as_tensor, check_finite, expert_parameters, \
+    finish_training, posterior_log_probs, validate_mixture_fields
 
 
 @dataclass
@@ -55,21 +55,9 @@ class EMConfig:
             check_int(owner, name, getattr(self, name), 0)
         for name in ("expert_lr", "gating_lr", "min_std", "init_std"):
             check_float(owner, name, getattr(self, name), 0.0, strict=True)
-        for name in ("mean_init_spread", "dead_expert_threshold", "lr_final_fraction"):
+        for name in ("mean_init_spread", "dead_expert_threshold"):
             check_float(owner, name, getattr(self, name), 0.0, strict=False)
-        if self.lr_final_fraction > 1:
-            fail_field(f"{owner}.lr_final_fraction", "a number in [0, 1]", self.lr_final_fraction)
-        if self.lr_decay not in LR_DECAYS:
-            fail_field(f"{owner}.lr_decay", f"one of {LR_DECAYS}", self.lr_decay)
-        if self.covariance not in COVARIANCES:
-            fail_field(f"{owner}.covariance", f"one of {COVARIANCES}", self.covariance)
-        if self.gating not in GATINGS:
-            fail_field(f"{owner}.gating", f"one of {GATINGS}", self.gating)
-        if self.init_std <= self.min_std:
-            fail_field(f"{owner}.init_std", f"a number > min_std={self.min_std}", self.init_std)
-        if self.dead_expert_threshold >= 1.0 / self.n_experts:
-            fail_field(f"{owner}.dead_expert_threshold", f"a number < 1/n_experts={1.0 / self.n_experts:g}",
-                  self.dead_expert_threshold)
+        validate_mixture_fields(self, owner)
         if not isinstance(self.backbone, BackboneConfig):
             fail_field(f"{owner}.backbone", "a BackboneConfig", self.backbone)
         self.backbone.validate()

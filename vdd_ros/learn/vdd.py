@@ -49,6 +49,24 @@ def fail_field(name: str, expected: str, actual) -> None:
     raise ValueError(f"{name}: expected {expected}, got {actual!r}")
 
 
+def validate_mixture_fields(config, owner: str) -> None:
+    """Checks that VDDConfig and EMConfig share: the learning-rate schedule and the mixture's shape and start."""
+    if config.lr_decay not in LR_DECAYS:
+        fail_field(f"{owner}.lr_decay", f"one of {LR_DECAYS}", config.lr_decay)
+    check_float(owner, "lr_final_fraction", config.lr_final_fraction, 0.0, strict=False)
+    if config.lr_final_fraction > 1:
+        fail_field(f"{owner}.lr_final_fraction", "a number in [0, 1]", config.lr_final_fraction)
+    if config.covariance not in COVARIANCES:
+        fail_field(f"{owner}.covariance", f"one of {COVARIANCES}", config.covariance)
+    if config.gating not in GATINGS:
+        fail_field(f"{owner}.gating", f"one of {GATINGS}", config.gating)
+    if config.init_std <= config.min_std:
+        fail_field(f"{owner}.init_std", f"a number > min_std={config.min_std}", config.init_std)
+    if config.dead_expert_threshold >= 1.0 / config.n_experts:
+        fail_field(f"{owner}.dead_expert_threshold", f"a number < 1/n_experts={1.0 / config.n_experts:g}",
+                   config.dead_expert_threshold)
+
+
 def check_int(owner: str, name: str, value, low: int) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
         fail_field(f"{owner}.{name}", f"an integer >= {low}", value)
@@ -140,20 +158,7 @@ class VDDConfig:
         check_float(owner, "sigma_anneal_fraction", self.sigma_anneal_fraction, 0.0, strict=True)
         if self.sigma_anneal_fraction > 1:
             fail_field(f"{owner}.sigma_anneal_fraction", "a number in (0, 1]", self.sigma_anneal_fraction)
-        if self.lr_decay not in LR_DECAYS:
-            fail_field(f"{owner}.lr_decay", f"one of {LR_DECAYS}", self.lr_decay)
-        check_float(owner, "lr_final_fraction", self.lr_final_fraction, 0.0, strict=False)
-        if self.lr_final_fraction > 1:
-            fail_field(f"{owner}.lr_final_fraction", "a number in [0, 1]", self.lr_final_fraction)
-        if self.covariance not in COVARIANCES:
-            fail_field(f"{owner}.covariance", f"one of {COVARIANCES}", self.covariance)
-        if self.gating not in GATINGS:
-            fail_field(f"{owner}.gating", f"one of {GATINGS}", self.gating)
-        if self.init_std <= self.min_std:
-            fail_field(f"{owner}.init_std", f"a number > min_std={self.min_std}", self.init_std)
-        if self.dead_expert_threshold >= 1.0 / self.n_experts:
-            fail_field(f"{owner}.dead_expert_threshold", f"a number < 1/n_experts={1.0 / self.n_experts:g}",
-                  self.dead_expert_threshold)
+        validate_mixture_fields(self, owner)
         check_int(owner, "reinit_batch_size", self.reinit_batch_size, 1)
         check_int(owner, "warm_start_iterations", self.warm_start_iterations, 0)
         check_int(owner, "warm_start_candidates", self.warm_start_candidates, 1)
