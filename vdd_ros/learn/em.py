@@ -58,15 +58,6 @@ class EMConfig:
         for name in ("mean_init_spread", "dead_expert_threshold"):
             check_float(owner, name, getattr(self, name), 0.0, strict=False)
         validate_mixture_fields(self, owner)
-        if not isinstance(self.backbone, BackboneConfig):
-            fail_field(f"{owner}.backbone", "a BackboneConfig", self.backbone)
-        self.backbone.validate()
-        if self.num_threads is not None:
-            check_int(owner, "num_threads", self.num_threads, 1)
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            fail_field(f"{owner}.device", "a torch device such as 'cpu' or 'cuda:0'", self.device)
         return self
 
     def to_dict(self) -> dict:

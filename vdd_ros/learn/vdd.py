@@ -50,7 +50,7 @@ def fail_field(name: str, expected: str, actual) -> None:
 
 
 def validate_mixture_fields(config, owner: str) -> None:
-    """Checks that VDDConfig and EMConfig share: the learning-rate schedule and the mixture's shape and start."""
+    """Checks that VDDConfig and EMConfig share: schedule, mixture shape and start, backbone, device."""
     if config.lr_decay not in LR_DECAYS:
         fail_field(f"{owner}.lr_decay", f"one of {LR_DECAYS}", config.lr_decay)
     check_float(owner, "lr_final_fraction", config.lr_final_fraction, 0.0, strict=False)
@@ -65,6 +65,15 @@ def validate_mixture_fields(config, owner: str) -> None:
     if config.dead_expert_threshold >= 1.0 / config.n_experts:
         fail_field(f"{owner}.dead_expert_threshold", f"a number < 1/n_experts={1.0 / config.n_experts:g}",
                    config.dead_expert_threshold)
+    if not isinstance(config.backbone, BackboneConfig):
+        fail_field(f"{owner}.backbone", "a BackboneConfig", config.backbone)
+    config.backbone.validate()
+    if config.num_threads is not None:
+        check_int(owner, "num_threads", config.num_threads, 1)
+    try:
+        torch.device(config.device)
+    except (RuntimeError, TypeError):
+        fail_field(f"{owner}.device", "a torch device such as 'cpu' or 'cuda:0'", config.device)
 
 
 def check_int(owner: str, name: str, value, low: int) -> None:
@@ -176,15 +185,6 @@ class VDDConfig:
             check_float(owner, name, value, 0.0, strict=False)
             if value > 1:
                 fail_field(f"{owner}.{name}", "a number in [0, 1]", value)
-        if not isinstance(self.backbone, BackboneConfig):
-            fail_field(f"{owner}.backbone", "a BackboneConfig", self.backbone)
-        self.backbone.validate()
-        if self.num_threads is not None:
-            check_int(owner, "num_threads", self.num_threads, 1)
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            fail_field(f"{owner}.device", "a torch device such as 'cpu' or 'cuda:0'", self.device)
         return self
 
     def to_dict(self) -> dict:
