@@ -11,9 +11,7 @@ by gating weight, plus student samples.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -53,6 +51,7 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
     import torch
 
+    from vdd_ros.files import save_figure
     from vdd_ros.learn.em import EMConfig, train_em
     from vdd_ros.learn.teacher_protocol import AnalyticTeacher
     from vdd_ros.learn.vdd import VDDConfig, distill
@@ -95,14 +94,7 @@ def main(argv=None) -> int:
     fig.suptitle("VDD 2-D check: expert means (x), 2-sigma ellipses, opacity and label = gating weight")
     fig.tight_layout()
 
-    folder = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(handle)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a figure is meant to be read
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, args.out)
+    save_figure(fig, args.out, dpi=110)
     print(f"wrote {args.out}")
     return 0
 

@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch
 
+from vdd_ros.files import new_file_mode
 from vdd_ros.learn import export
 from vdd_ros.learn.backbones import BackboneConfig
 from vdd_ros.learn.checkpoint import save_checkpoint
@@ -92,7 +93,7 @@ def test_student_file_is_valid_onnx_with_metadata(student_file):
     assert "n_steps" not in info and (info["teacher_n_steps"], info["teacher_sampler"], info["teacher"]) == \
         (16, "euler", "t.pt")
     assert report.experts_identical is True and report.max_error <= export.STUDENT_TOLERANCE
-    assert path.stat().st_mode & 0o777 == export.file_mode()  # readable like any new file, not mkstemp's 0600
+    assert path.stat().st_mode & 0o777 == new_file_mode()  # readable like any new file, not mkstemp's 0600
     # the batch dimension is symbolic, every other dimension fixed by the spec
     obs_dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert obs_dims[0].dim_param and [d.dim_value for d in obs_dims[1:]] == [HISTORY, 6]

@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vdd_ros.files import new_file_mode, save_figure
+
 ROUNDS = 20  # the calls of each model are spread over this many interleaved rounds
 
 
@@ -174,16 +176,7 @@ def plot(latencies: dict, path: str, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    handle, tmp_name = tempfile.mkstemp(prefix=".bench.", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(handle)
-    try:
-        fig.savefig(tmp_name, dpi=110)
-        os.chmod(tmp_name, _file_mode())
-        os.replace(tmp_name, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    save_figure(fig, path, dpi=110)
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -191,18 +184,11 @@ def _write_json(path: str, payload: dict) -> None:
     try:
         with os.fdopen(handle, "w") as out:
             json.dump(payload, out, indent=2)
-        os.chmod(tmp_name, _file_mode())
+        os.chmod(tmp_name, new_file_mode())
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-
-
-def _file_mode() -> int:
-    """The mode ``open()`` would give a new file (mkstemp's 0600 would hide results from others)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def run_runtime(args) -> int:

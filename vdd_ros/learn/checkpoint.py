@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vdd_ros.files import new_file_mode
 from vdd_ros.spec import ModelSpec, SpecError
 
 CHECKPOINT_FORMAT = 1
@@ -100,9 +101,7 @@ def save_checkpoint(path, model: nn.Module, kind: str, spec: ModelSpec, config: 
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes the file private; a checkpoint is an ordinary file
+    os.chmod(tmp_name, new_file_mode())  # mkstemp makes the file private; a checkpoint is an ordinary file
     try:
         torch.save(payload, tmp_name)
         os.replace(tmp_name, path)

@@ -37,6 +37,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from vdd_ros.files import new_file_mode
 from vdd_ros.runtime.format import (EXPORT_FORMAT_VERSION, GRAPH_INPUTS, GRAPH_OUTPUTS, META_FORMAT, META_ROLE,
                                     META_SPEC, OPSET, ROLE_MODEL_KINDS, ROLE_STUDENT, ROLE_TEACHER_DENOISER,
                                     ROLE_TEACHER_SAMPLER)
@@ -50,13 +51,6 @@ TEACHER_TOLERANCE = 1e-4  # raw teacher actions (N chained denoiser calls)
 PARITY_BATCH = 64
 # IR version 8 is the oldest that carries opset 18: files load in onnxruntime >= 1.14
 IR_VERSION = 8
-
-
-def file_mode() -> int:
-    """The mode ``open()`` would give a new file: 0666 less the process umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 class ExportError(ValueError):
@@ -307,7 +301,7 @@ def export_graph(graph: nn.Module, role: str, spec: ModelSpec, out_path, model_i
     try:
         with os.fdopen(handle, "wb") as tmp:
             tmp.write(blob)
-        os.chmod(tmp_name, file_mode())  # mkstemp makes 0600; a shipped model must be readable by all
+        os.chmod(tmp_name, new_file_mode())  # mkstemp makes 0600; a shipped model must be readable by all
         open_model(tmp_name, device="cpu")  # the runtime's own loader must accept it
         os.replace(tmp_name, out_path)
     except BaseException:

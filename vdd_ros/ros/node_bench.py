@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vdd_ros.files import save_figure
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help="exported model .onnx (default: the shipped student)")
@@ -175,9 +177,4 @@ def _plot(periods, inference, period, path: str, title: str) -> None:
     axes[1].set_xlabel("model call [ms]")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)

@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from vdd_ros.spec import ModelSpec, Normalization, ObservationField
+from vdd_ros.files import save_figure
 
 TASK_NAME = "arm_avoid"
 JOINT_NAMES = ("joint_1", "joint_2", "joint_3")
@@ -652,7 +653,6 @@ def plot_rollouts(paths_by_label, path: str, title: str = "arm_avoid rollouts",
     ``paths_by_label``: a ``RolloutResult``, or a mapping label -> ``RolloutResult`` or
     label -> ``(ee_paths, routes)`` with routes None for failed episodes.
     """
-    import os
     import matplotlib
 
     matplotlib.use("Agg")
@@ -684,15 +684,7 @@ def plot_rollouts(paths_by_label, path: str, title: str = "arm_avoid rollouts",
                      f"{len(set(ok))}/{N_ROUTES} routes, entropy {behaviour_entropy(ok):.2f}", fontsize=10)
     fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.png"
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_figure(fig, path, dpi=110)
     return path
 
 

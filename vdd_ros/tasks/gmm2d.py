@@ -10,10 +10,9 @@ and an exact log-density, which is the paper's 2-D check. numpy only.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
+
+from vdd_ros.files import save_figure
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 
@@ -215,12 +214,5 @@ def plot_density(mixture: GaussianMixture, path: str, samples: np.ndarray | None
         ax.scatter(samples[:, 0], samples[:, 1], s=2, c="k", alpha=0.3)
     ax.set_aspect("equal")
     ax.set_title(title or f"Gaussian mixture, sigma={sigma:g}")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(handle)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a figure is meant to be read
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)
     return path
