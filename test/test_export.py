@@ -264,3 +264,74 @@ def test_choose_experts_inverse_cdf_greedy_and_forced():
     # a last CDF entry rounded below u still yields a valid index
     short = torch.tensor([[0.5, 0.4999]])
     assert export.choose_experts(short, torch.tensor([0.99995]), torch.tensor([False]), torch.tensor([-1])).item() == 1
+
+
+def test_choose_experts_fast_agrees_with_choose_experts():
+    """The exported graph picks experts with choose_experts_fast: identical indices, edge cases included."""
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(4000, 6, generator=generator) * torch.tensor([0.1, 1.0, 5.0, 30.0]).repeat(1000)[:, None]
+    weights = torch.softmax(logits, -1)
+    weights[::7, 2] = 0.0  # zero-weight experts own empty intervals
+    cdf = torch.cumsum(weights, -1)
+    uniform = torch.rand(4000, generator=generator)
+    uniform[::5] = cdf[::5, 1]  # u exactly on a CDF step
+    uniform[1::5] = torch.nextafter(cdf[1::5, -1], torch.tensor(2.0)).clamp(max=0.99999994)  # at/after the last entry
+    greedy = torch.rand(4000, generator=generator) < 0.2
+    forced = torch.where(torch.rand(4000, generator=generator) < 0.2, torch.arange(4000) % 6, -1)
+    expected = export.choose_experts(weights, uniform, greedy, forced)
+    assert torch.equal(export.choose_experts_fast(weights, uniform, greedy, forced), expected)
+    short = torch.tensor([[0.5, 0.4999]])  # a last CDF entry rounded below u
+    assert export.choose_experts_fast(short, torch.tensor([0.99995]), torch.tensor([False]),
+                                      torch.tensor([-1])).item() == 1
+
+
+def test_fast_mish_is_mish():
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.linspace(-4, 4, 20001), torch.tensor([1e30, -1e30])])
+    reference = torch.nn.functional.mish(x.double())
+    got = export.fast_mish(x).double()
+    assert torch.isfinite(got).all()
+    assert float(((got - reference).abs() / reference.abs().clamp(min=1.0)).max()) < 3e-7
+
+
+def test_student_graph_skips_normalisation_nodes_and_the_noise_heads_on_the_mean_path(student_file):
+    proto = onnx.load(str(student_file[0]))
+    nodes = list(proto.graph.node)
+    ops = [node.op_type for node in nodes]
+    # raw observations go straight into the first Gemm (normalisation folded into its weights)
+    first = next(node for node in nodes if "obs" in node.input)
+    assert first.op_type == "Reshape" and next(n for n in nodes if first.output[0] in n.input).op_type == "Gemm"
+    assert "Mish" not in ops and "Softplus" not in ops and ops.count("If") == 1
+    branches = {a.name: a.g for a in nodes[ops.index("If")].attribute}
+    assert [n.op_type for n in branches["else_branch"].node] == ["Identity"]  # the mean path: nothing to compute
+    assert "Softplus" in [n.op_type for n in branches["then_branch"].node]  # the chosen expert's std, noisy path only
+
+
+@pytest.mark.parametrize("covariance, gating, backbone", [
+    ("diagonal", "own_mlp", BackboneConfig(hidden=32, mlp_layers=2)),
+    ("full", "detached_features", BackboneConfig(kind="transformer", embed_dim=16, heads=2, transformer_layers=1,
+                                                 hidden=32)),
+])
+def test_student_export_without_folding_paths_passes_parity(tmp_path, covariance, gating, backbone):
+    torch.manual_seed(3)
+    model = MixtureOfExpertsPolicy(6, HISTORY, HORIZON * JOINTS, EXPERTS, covariance=covariance, gating=gating,
+                                   backbone=backbone)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    report = export.export_student(model.eval(), tiny_spec("vdd_mixture"), tmp_path / "s.onnx")
+    assert report.max_error <= export.STUDENT_TOLERANCE and report.experts_identical is True
+
+
+def test_student_parity_is_checked_against_the_plain_reference(tmp_path, monkeypatch):
+    """A folding mistake in the exported graph (here: the action offset dropped) fails the export."""
+    original = export.FastStudentGraph.__init__
+
+    def broken(self, model, spec):
+        original(self, model, spec)
+        with torch.no_grad():
+            self.mean_head.bias.zero_()
+
+    monkeypatch.setattr(export.FastStudentGraph, "__init__", broken)
+    with pytest.raises(export.ExportError, match="parity check failed"):
+        export.export_student(tiny_student(), tiny_spec("vdd_mixture"), tmp_path / "s.onnx")
+    assert not (tmp_path / "s.onnx").exists()

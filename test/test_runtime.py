@@ -198,6 +198,33 @@ def test_bad_observations_are_refused_by_name(files, bad, match):
     assert_one_line(err)
 
 
+def test_observation_fast_path_accepts_what_the_full_check_accepts(files):
+    policy = load_policy(files / "student.onnx", device="cpu")
+    base = window(5)
+    expected = policy.act(base.astype(np.float32), np.random.default_rng(1))
+    np.testing.assert_array_equal(policy.act(base, np.random.default_rng(1)), expected)
+    np.testing.assert_array_equal(policy.act(np.asfortranarray(base), np.random.default_rng(1)), expected)
+    np.testing.assert_array_equal(policy.act(base.T.copy().T, np.random.default_rng(1)), expected)
+    np.testing.assert_allclose(policy.act(base.astype(np.float16), np.random.default_rng(1)), expected, atol=0.05)
+    # entries near the float32 limit are accepted (the squared norm passes the plain-cast limit)
+    for big in (3.0e38, 3.4e38):
+        large = base.copy()
+        large[0, 0] = big
+        policy.act(large, np.random.default_rng(1))  # accepted: no InputError (float64 path, both sides of the limit)
+    for bad in (np.float16("inf"), np.float32("nan")):
+        with pytest.raises(InputError, match="finite"):
+            policy.act(np.full((HISTORY, 5), bad), np.random.default_rng(1))
+
+
+def test_noise_scale_back_to_zero_returns_the_mean(files):
+    policy = load_policy(files / "student.onnx", device="cpu", noise_scale=0.5)
+    noisy = policy.act_detailed(window(), np.random.default_rng(0), expert=1)
+    assert np.abs(noisy.actions - noisy.expert_means[1]).max() > 1e-4
+    policy.noise_scale = 0.0
+    mean = policy.act_detailed(window(), np.random.default_rng(0), expert=1)
+    np.testing.assert_allclose(mean.actions, mean.expert_means[1], atol=1e-6)
+
+
 def test_other_bad_arguments(files):
     student = load_policy(files / "student.onnx", device="cpu")
     teacher = load_policy(files / "teacher.onnx", device="cpu")
@@ -244,3 +271,24 @@ def test_bench_runtime_command_writes_table_json_and_plot(files, tmp_path, capsy
                                                                                ("diffusion_teacher", 2, 40)]
     assert rows[0]["p50_vs_student"] == 1.0 and all(0 < r["p50_us"] <= r["p99_us"] <= r["max_us"] for r in rows)
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_runtime_keeps_an_extra_student_named_like_the_student(files, tmp_path, capsys):
+    """--extra elsewhere/student.onnx gets its own row instead of silently replacing the student's."""
+    import argparse
+    import json
+
+    from vdd_ros.cli import bench
+
+    other = tmp_path / "other" / "student.onnx"
+    other.parent.mkdir()
+    shutil.copy(files / "student.onnx", other)
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "runtime", "--student", str(files / "student.onnx"), "--extra", str(other),
+                              "--teacher", str(files / "teacher.onnx"), "--calls", "20", "--warmup", "0",
+                              "--json", str(tmp_path / "bench.json"), "--plot", ""])
+    assert args.func(args) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["file"] for r in rows] == [str(files / "student.onnx"), str(other), str(files / "teacher.onnx")]
+    assert rows[1]["model"] == f"{other} (vdd_mixture)"

@@ -239,7 +239,12 @@ def run_runtime(args) -> int:
         student_label = next(iter(policies))
         for path in extras:
             extra = load_policy(path, device=args.device, intra_op_threads=args.threads)
-            policies[f"{path.stem} ({extra.kind})"] = extra
+            label = f"{path.stem} ({extra.kind})"
+            if label in policies:  # e.g. --extra models/student.onnx next to another student.onnx
+                label = f"{path} ({extra.kind})"
+            if label in policies:
+                raise UserError(f"--extra {path}: this file is already in the benchmark")
+            policies[label] = extra
         for path in teacher_paths:
             teacher = load_policy(path, device=args.device, intra_op_threads=args.threads)
             if teacher.kind != "diffusion_teacher":
