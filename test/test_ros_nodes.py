@@ -100,10 +100,15 @@ class Probe:
             self.executor.spin_once(timeout_sec=0.005)
 
     def joint_state(self, names, positions, velocities):
+        """A publisher of this JointState, stamped at each publish as a driver stamps its readings (a stamp
+        fixed at creation would age the observation during a spin, past max_observation_age_s after 0.5 s)."""
         msg = JointState(name=list(names), position=[float(v) for v in positions],
                          velocity=[float(v) for v in velocities])
-        msg.header.stamp = self.node.get_clock().now().to_msg()
-        return lambda: self.joint_pub.publish(msg)
+
+        def publish():
+            msg.header.stamp = self.node.get_clock().now().to_msg()
+            self.joint_pub.publish(msg)
+        return publish
 
     def call(self, srv_type, name, request, timeout=10.0):
         client = self.node.create_client(srv_type, name)

@@ -6,10 +6,13 @@ and feeds it JointStates at 200 Hz and takes its commands, over DDS on localhost
 period and work time and every model call's time are recorded for ``--seconds`` after a
 warm-up. A deadline miss is a tick that starts more than 1.5 periods after the previous one,
 or whose work (observation, model call, publish) takes longer than one period.
+
+With ``--realtime P`` the control thread runs under SCHED_FIFO P, the middleware's threads and
+``arm_sim_node`` (``--sim-priority``) one below, so nothing else in the benchmark competes with a
+control tick at its priority. The node runs with its own defaults (heap frozen at activate).
 """
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import os
@@ -31,9 +34,16 @@ def add_arguments(parser) -> None:
                         "0 = the model's execute_steps)")
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda (default: cpu)")
     parser.add_argument("--realtime", type=int, default=0, metavar="PRIORITY",
-                        help="run the policy node's process under SCHED_FIFO at this priority (1-99; needs root "
-                        "or CAP_SYS_NICE, as a robot computer's control process would run); 0: normal "
-                        "scheduling (default)")
+                        help="run the policy node's control thread under SCHED_FIFO at this priority (2-99; needs "
+                        "root or CAP_SYS_NICE, as a robot computer's control process would run), its middleware "
+                        "threads one below; 0: normal scheduling (default)")
+    parser.add_argument("--sim-priority", type=int, default=None, metavar="PRIORITY",
+                        help="SCHED_FIFO priority of arm_sim_node (0: normal scheduling; default: one below "
+                        "--realtime, or normal scheduling without it): the simulated arm never competes with the "
+                        "control thread at its own priority")
+    parser.add_argument("--lock-memory", action="store_true",
+                        help="the node's lock_memory parameter: mlockall at activate (default: off, as the "
+                        "node's default)")
     parser.add_argument("--domain-id", type=int, default=None,
                         help="ROS_DOMAIN_ID of the run (default: the environment's, else 42)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -69,11 +79,17 @@ def run(args) -> int:
     if not model.is_file():
         raise FileNotFoundError(f"model {model}: no such file")
     kind = load_policy(model).kind  # fails here, with its one-line message, on a bad file
+    if args.realtime and not 2 <= args.realtime <= 99:
+        raise ValueError(f"--realtime: expected a priority 2..99 or 0, got {args.realtime}")
+    sim_priority = args.sim_priority if args.sim_priority is not None else max(args.realtime - 1, 0)
+    if not 0 <= sim_priority <= 99:
+        raise ValueError(f"--sim-priority: expected a priority 0..99, got {sim_priority}")
     if args.realtime:
-        if not 1 <= args.realtime <= 99:
-            raise ValueError(f"--realtime: expected a priority 1..99 or 0, got {args.realtime}")
+        # the middleware's threads (Fast DDS, started with the first node below) inherit one level below the
+        # control thread, which is raised to --realtime once they exist: a DDS thread busy on a core never
+        # holds back a control tick at equal priority
         try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime))
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime - 1))
         except PermissionError:
             raise ValueError(f"--realtime {args.realtime}: SCHED_FIFO needs root or CAP_SYS_NICE") from None
     domain = args.domain_id if args.domain_id is not None else int(os.environ.get("ROS_DOMAIN_ID", "42"))
@@ -81,34 +97,38 @@ def run(args) -> int:
     os.environ.update({k: env[k] for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID")})
     log_dir = Path(tempfile.mkdtemp(prefix="vdd_bench_node_"))
     sim = NodeProcess("arm_sim_node", log_dir / "arm_sim.log", env, params_files=[config_file("arm_sim.yaml")],
-                      parameters={"auto_reset": True})
+                      parameters={"auto_reset": True}, realtime_priority=sim_priority)
     context = Context()
     rclpy.init(context=context, domain_id=domain)
     overrides = [Parameter("model", value=str(model)), Parameter("control_rate_hz", value=float(args.rate)),
                  Parameter("allow_rate_override", value=True), Parameter("replan_every", value=args.replan_every),
-                 Parameter("device", value=args.device), Parameter("max_observation_age_s", value=0.5)]
+                 Parameter("device", value=args.device), Parameter("max_observation_age_s", value=0.5),
+                 Parameter("lock_memory", value=bool(args.lock_memory))]
     node = PolicyNode("bench_policy", stats_window=None, context=context, parameter_overrides=overrides)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
+    if args.realtime:  # the DDS participant and its threads exist now
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime))  # this (the control) thread only
     try:
         node.start()
         if node.policy is None:
             raise ValueError(f"the policy node did not configure with {model} (see the log above)")
         print(f"vdd bench node: {kind} model {model.name} at {args.rate:g} Hz for {args.seconds:g} s "
               f"(after {args.warmup:g} s warm-up), arm_sim_node feeding joint_states, "
-              f"{'SCHED_FIFO ' + str(args.realtime) if args.realtime else 'normal'} scheduling")
+              f"{'SCHED_FIFO ' + str(args.realtime) if args.realtime else 'normal'} scheduling (middleware threads "
+              f"{'SCHED_FIFO ' + str(args.realtime - 1) if args.realtime else 'normal'}, arm_sim_node "
+              f"{'SCHED_FIFO ' + str(sim_priority) if sim_priority else 'normal'}); heap frozen: {node.gc_frozen}, "
+              f"memory locked: {node.memory_locked}")
         end_warmup = time.monotonic() + args.warmup
         while time.monotonic() < end_warmup:
             executor.spin_once(timeout_sec=0.01)
         node._reset_stats()
-        # everything alive now is long-lived: keep the collector from walking it again mid-run
-        gc.collect()
-        gc.freeze()
         end = time.monotonic() + args.seconds
         while time.monotonic() < end:
             executor.spin_once(timeout_sec=0.01)
         periods, work, inference = list(node.tick_periods), list(node.tick_work_times), list(node.inference_times)
         stale = node.stale_skips
+        frozen, locked = node.gc_frozen, node.memory_locked
     finally:
         executor.shutdown()
         node.destroy_node()
@@ -127,6 +147,8 @@ def run(args) -> int:
         "tick_period": _stats_ms(periods), "tick_work": _stats_ms(work), "inference": _stats_ms(inference),
         "late_ticks": int(late), "late_ticks_at_s": late_at[:100], "overrun_ticks": int(overrun), "deadline_misses": int(late + overrun),
         "stale_skips": int(stale), "scheduling": f"SCHED_FIFO {args.realtime}" if args.realtime else "normal",
+        "sim_scheduling": f"SCHED_FIFO {sim_priority}" if sim_priority else "normal",
+        "gc_frozen": frozen, "memory_locked": locked,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
                    f"{platform.python_version()}",
     }

@@ -46,7 +46,12 @@ class NodeProcess:
     """One node in its own process; stdout and stderr go to ``log_path``."""
 
     def __init__(self, executable: str, log_path, env: dict, params_files=(), parameters: dict | None = None,
-                 namespace: str = "", remappings: dict | None = None, node_name: str = ""):
+                 namespace: str = "", remappings: dict | None = None, node_name: str = "",
+                 realtime_priority: int | None = None):
+        """``realtime_priority``: None inherits this process's scheduling, 0 is normal scheduling
+        (SCHED_OTHER), 1..99 SCHED_FIFO at that priority (set in the child before it starts)."""
+        if realtime_priority is not None and not 0 <= realtime_priority <= 99:
+            raise ValueError(f"realtime_priority: expected 0..99 or None, got {realtime_priority}")
         if executable not in NODE_MODULES:
             raise ValueError(f"executable: expected one of {sorted(NODE_MODULES)}, got '{executable}'")
         command = [sys.executable, "-m", NODE_MODULES[executable], "--ros-args"]
@@ -64,8 +69,14 @@ class NodeProcess:
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
+        preexec = None
+        if realtime_priority is not None:
+            policy = os.SCHED_FIFO if realtime_priority else os.SCHED_OTHER
+
+            def preexec():
+                os.sched_setscheduler(0, policy, os.sched_param(realtime_priority))
         self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL, preexec_fn=preexec)
         self._interrupted = False
 
     @property
