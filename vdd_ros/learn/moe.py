@@ -164,9 +164,10 @@ class MixtureOfExpertsPolicy(nn.Module):
         else:
             # invert each L once, then apply it to all V actions (cheaper than V triangular solves)
             eye = torch.eye(self.act_dim, dtype=scales.dtype, device=scales.device)
-            inverse = torch.linalg.solve_triangular(scales, eye.expand_as(scales), upper=False)
-            inverse = inverse.reshape(scales.shape[0], *([1] * extra_axes), *scales.shape[1:])
-            whitened = (inverse @ diff.unsqueeze(-1)).squeeze(-1)
+            inverse = torch.linalg.solve_triangular(scales, eye.expand_as(scales), upper=False)  # [B, Z, A, A]
+            # actions as columns [B, Z, A, V]: one matmul per (state, expert), no broadcast copies of L^-1
+            columns = diff.reshape(diff.shape[0], -1, self.n_experts, self.act_dim).permute(0, 2, 3, 1)
+            whitened = (inverse @ columns).permute(0, 3, 1, 2).reshape(diff.shape)
         return -0.5 * whitened.pow(2).sum(-1) - log_det - 0.5 * self.act_dim * LOG_2PI
 
     def entropies(self, scales: torch.Tensor) -> torch.Tensor:
