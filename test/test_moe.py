@@ -43,6 +43,19 @@ def test_log_prob_equals_torch_distributions(covariance, gating, backbone):
 
 
 @pytest.mark.parametrize("covariance", ["full", "diagonal"])
+def test_log_probs_of_several_actions_per_state_equal_torch_distributions(covariance):
+    """The [B, V, A] path VDD's E-step uses: V actions per state against every expert."""
+    policy = perturbed_policy(covariance)
+    obs, actions = torch.randn(8, 6), torch.randn(8, 5, 4) * 2
+    _, means, chol = policy.components(obs)
+    feats = policy.features(obs)
+    result = policy.gaussian_log_probs(actions, policy.expert_means(feats), policy.expert_scales(feats))
+    assert result.shape == (8, 5, 5)  # [B, V, Z]
+    reference = MultivariateNormal(means[:, None], scale_tril=chol[:, None]).log_prob(actions[:, :, None, :])
+    assert torch.allclose(result, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("covariance", ["full", "diagonal"])
 def test_sample_and_act_shapes_and_statistics(covariance):
     torch.manual_seed(0)
     policy = MixtureOfExpertsPolicy(2, 1, 2, 8, SMALL_MLP, covariance, init_std=0.3, mean_init_spread=1.0)
