@@ -60,7 +60,7 @@ class MixtureOfExpertsPolicy(nn.Module):
     def __init__(self, obs_dim_step: int, history: int, act_dim: int, n_experts: int,
                  backbone: BackboneConfig | None = None, covariance: str = "full", min_std: float = 1e-4,
                  init_std: float = 1.0, mean_init_spread: float = 1.0, gating: str = "detached_features",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, mean_init_weight_std: float = 0.0):
         super().__init__()
         backbone = BackboneConfig() if backbone is None else backbone
         for name, value, low in (("obs_dim_step", obs_dim_step, 1), ("history", history, 1),
@@ -76,13 +76,17 @@ class MixtureOfExpertsPolicy(nn.Module):
         if not (init_std > min_std and math.isfinite(init_std)):
             raise ValueError(f"MixtureOfExpertsPolicy init_std: expected a finite number > min_std={min_std}, "
                              f"got {init_std!r}")
+        if not (mean_init_weight_std >= 0 and math.isfinite(mean_init_weight_std)):
+            raise ValueError(f"MixtureOfExpertsPolicy mean_init_weight_std: expected a finite number >= 0, "
+                             f"got {mean_init_weight_std!r}")
         if not (mean_init_spread >= 0 and math.isfinite(mean_init_spread)):
             raise ValueError(f"MixtureOfExpertsPolicy mean_init_spread: expected a finite number >= 0, "
                              f"got {mean_init_spread!r}")
         self.hyperparameters = dict(obs_dim_step=obs_dim_step, history=history, act_dim=act_dim,
                                     n_experts=n_experts, backbone=backbone.validate().to_dict(),
                                     covariance=covariance, min_std=min_std, init_std=init_std,
-                                    mean_init_spread=mean_init_spread, gating=gating)
+                                    mean_init_spread=mean_init_spread, gating=gating,
+                                    mean_init_weight_std=mean_init_weight_std)
         self.obs_dim = obs_dim_step * history
         self.act_dim = act_dim
         self.n_experts = n_experts
@@ -111,7 +115,10 @@ class MixtureOfExpertsPolicy(nn.Module):
 
         with torch.no_grad():
             # experts start state independent: zero weights, means spread, std ~ init_std, uniform gating
-            self.mean_head.weight.zero_()
+            if mean_init_weight_std > 0:
+                self.mean_head.weight.normal_(0.0, mean_init_weight_std, generator=generator)
+            else:
+                self.mean_head.weight.zero_()
             self.mean_head.bias.copy_(initial_mean_offsets(n_experts, act_dim, mean_init_spread, generator).reshape(-1))
             self.std_head.weight.zero_()
             self.std_head.bias.fill_(math.log(math.expm1(init_std - min_std)))

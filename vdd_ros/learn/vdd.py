@@ -113,6 +113,9 @@ class VDDConfig:
     min_std: float = 1e-4  # floor added to the softplus of the Cholesky diagonal
     init_std: float = 1.0  # initial expert standard deviation (normalised units)
     mean_init_spread: float = 1.5  # initial expert means spread over [-b, b]^A (grid in 2-D)
+    # std of the initial mean-head weights: 0 makes the experts start state independent; > 0 gives each
+    # expert an offset that varies with the state (the features have unit norm)
+    mean_init_weight_std: float = 0.0
     gating: str = "detached_features"  # "detached_features" or "own_mlp"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     history: int = 1  # frames in the observation window (obs_dim = history * obs_step_dim)
@@ -151,6 +154,7 @@ class VDDConfig:
         for name in ("expert_lr", "gating_lr", "warm_start_lr", "min_std", "init_std"):
             check_float(owner, name, getattr(self, name), 0.0, strict=True)
         for name in ("sigma_min", "sigma_max", "sigma_final_min", "sigma_final_max", "mean_init_spread",
+                     "mean_init_weight_std",
                      "dead_expert_threshold"):
             check_float(owner, name, getattr(self, name), 0.0, strict=False)
         if self.antithetic and self.samples_per_expert % 2 != 0:
@@ -414,7 +418,8 @@ def build_student(config: VDDConfig, obs_dim: int, act_dim: int) -> MixtureOfExp
     return MixtureOfExpertsPolicy(obs_dim // config.history, config.history, act_dim, config.n_experts,
                                   config.backbone, config.covariance, config.min_std, config.init_std,
                                   config.mean_init_spread, config.gating,
-                                  generator=torch.Generator().manual_seed(config.seed)).to(config.device)
+                                  generator=torch.Generator().manual_seed(config.seed),
+                                  mean_init_weight_std=config.mean_init_weight_std).to(config.device)
 
 
 def expert_parameters(model: MixtureOfExpertsPolicy) -> list[torch.nn.Parameter]:
