@@ -205,3 +205,23 @@ def test_sim_node_start_poses_match_offline_rollout_starts():
     sim = arm_avoid.ArmSim(batch=1)
     one_by_one = np.concatenate([sim.sample_start(rng, 1) for _ in range(n)])
     np.testing.assert_array_equal(one_by_one, offline)
+
+
+def test_throttled_warnings_log_each_key_once_per_period():
+    from vdd_ros.ros.spin import ThrottledWarnings
+
+    class Lines:
+        def __init__(self):
+            self.lines = []
+
+        def warning(self, text):
+            self.lines.append(text)
+
+    logger = Lines()
+    warn = ThrottledWarnings(logger, period_s=60.0)
+    warn("a", "first")
+    warn("a", "again")  # same key within the period: dropped
+    warn("b", "other")
+    assert logger.lines == ["first", "other"]
+    ThrottledWarnings(logger, period_s=0.0)("a", "x")
+    assert logger.lines[-1] == "x"

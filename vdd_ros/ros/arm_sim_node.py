@@ -41,7 +41,7 @@ from std_msgs.msg import Float64MultiArray, Int32, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from vdd_ros.ros.spin import parameter_descriptor, run_node, stamp_seconds
+from vdd_ros.ros.spin import ThrottledWarnings, parameter_descriptor, run_node, stamp_seconds
 from vdd_ros.tasks.arm_avoid import JOINT_NAMES, PHYSICS_RATE_HZ, TICKS_PER_CONTROL, ArmSim
 
 WARN_PERIOD_S = 2.0
@@ -98,7 +98,7 @@ class ArmSimNode(Node):
         self.state = FINISHED
         self.target = self.sim.q[0].copy()
         self.trajectory = None  # (start time [sim clock s], times [n], positions [n, J])
-        self._warned_at: dict[str, float] = {}
+        self._warn = ThrottledWarnings(self.get_logger(), WARN_PERIOD_S)
         # simulated clock: seconds since the epoch, starting at the wall time of start-up
         self.clock_s = time.time()
         self._physics_ticks = 0
@@ -123,12 +123,6 @@ class ArmSimNode(Node):
         self.get_logger().info(f"arm_avoid simulation at {PHYSICS_RATE_HZ} Hz {pace}, "
                                f"joints {list(JOINT_NAMES)}, seed {p['seed']}, "
                                f"{self.max_episodes or 'unlimited'} episodes")
-
-    def _warn(self, key: str, text: str) -> None:
-        now = time.monotonic()
-        if now - self._warned_at.get(key, -math.inf) >= WARN_PERIOD_S:
-            self._warned_at[key] = now
-            self.get_logger().warning(text)
 
     # --- episodes --------------------------------------------------------------------
     def _begin_episode(self) -> None:

@@ -36,7 +36,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from vdd_ros.ros.command_executor import ChunkExecutor, ExpertHold
 from vdd_ros.ros.observation import ObservationAssembler, ObservationError, ObservationHistory, spec_mismatches
 from vdd_ros.ros.realtime import freeze_gc, lock_memory, quantiles, unfreeze_gc, unlock_memory
-from vdd_ros.ros.spin import parameter_descriptor, run_node, stamp_seconds
+from vdd_ros.ros.spin import ThrottledWarnings, parameter_descriptor, run_node, stamp_seconds
 
 TRIGGERS = ("timer", "observation")
 OUTPUTS = ("commands", "joint_trajectory")
@@ -135,7 +135,7 @@ class PolicyNode(LifecycleNode):
         self._entities = []  # publishers, subscriptions, timers, services made at configure
         self._timer = None
         self._reset_service = self.create_service(Trigger, "~/reset", self._on_reset)
-        self._warned_at: dict[str, float] = {}
+        self._warn = ThrottledWarnings(self.get_logger(), WARN_PERIOD_S)
         self._active = False
         self._diag_timer = None
         self._diag_in_tick = False
@@ -278,15 +278,18 @@ class PolicyNode(LifecycleNode):
             self.memory_locked = False
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
-        self._active = False
-        if self._timer is not None:
-            self.destroy_timer(self._timer)
-            self._timer = None
+        self._stop_control_loop()
         self._diagnostics_by_timer()
         self._leave_realtime()
         self._publish_hold()
         self.get_logger().info("inactive: holding the last measured position, no commands")
         return super().on_deactivate(state)
+
+    def _stop_control_loop(self) -> None:
+        self._active = False
+        if self._timer is not None:
+            self.destroy_timer(self._timer)
+            self._timer = None
 
     def _diagnostics_by_timer(self) -> None:
         self._diag_in_tick = False
@@ -298,10 +301,7 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: State) -> TransitionCallbackReturn:
-        self._active = False
-        if self._timer is not None:
-            self.destroy_timer(self._timer)
-            self._timer = None
+        self._stop_control_loop()
         self._leave_realtime()
         self._release()
         return TransitionCallbackReturn.SUCCESS
@@ -357,13 +357,6 @@ class PolicyNode(LifecycleNode):
     def _on_episode_start(self, msg: Int32) -> None:
         self._reset_policy_state()
         self.get_logger().debug(f"episode {msg.data} starts: history and chunk cleared")
-
-    def _warn(self, key: str, text: str) -> None:
-        """A warning at most every WARN_PERIOD_S per distinct text (wall clock)."""
-        now = time.monotonic()
-        if now - self._warned_at.get(key, -math.inf) >= WARN_PERIOD_S:
-            self._warned_at[key] = now
-            self.get_logger().warning(text)
 
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9

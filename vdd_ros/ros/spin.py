@@ -1,12 +1,30 @@
 """Running one node in its own process: init, spin, clean shutdown on SIGINT/SIGTERM."""
 from __future__ import annotations
 
+import math
 import signal
+import time
 
 import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy_impl
+
+
+class ThrottledWarnings:
+    """``warn(key, text)``: a warning at most every ``period_s`` per key (wall clock), so a stream of bad
+    messages does not flood the log."""
+
+    def __init__(self, logger, period_s: float = 2.0):
+        self._logger = logger
+        self._period_s = period_s
+        self._warned_at: dict[str, float] = {}
+
+    def __call__(self, key: str, text: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at.get(key, -math.inf) >= self._period_s:
+            self._warned_at[key] = now
+            self._logger.warning(text)
 
 
 def stamp_seconds(stamp) -> float:

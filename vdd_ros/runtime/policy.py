@@ -189,7 +189,7 @@ class Policy:
 
     def _run_one(self, obs_window, rng: np.random.Generator, greedy: bool, expert: int | None) -> dict:
         self._load_window(obs_window)
-        if type(rng) is not np.random.Generator and not isinstance(rng, np.random.Generator):
+        if not isinstance(rng, np.random.Generator):
             raise InputError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
         if self._student:
             if expert is None:

@@ -80,6 +80,15 @@ def _create(path: Path, options: ort.SessionOptions, providers: list) -> ort.Inf
         raise ModelLoadError(f"model {path}: not a loadable ONNX model ({native_reason(err)})") from None
 
 
+def _cpu_instead(path: Path, options: ort.SessionOptions, device: str, kind: str, reason: str, log, verb: str
+                 ) -> tuple[ort.InferenceSession, str, int]:
+    """The CPU session when CUDA is not usable: an error if CUDA was asked for explicitly, else logged."""
+    if kind == "cuda":
+        raise DeviceError(f"device={device!r}: {reason}")
+    log("model %s: %s %s: %s", path.name, verb, CPU, reason)
+    return _create(path, options, [CPU]), CPU, 0
+
+
 def _session_on_device(path: Path, device: str, intra_op_threads: int) -> tuple[ort.InferenceSession, str, int]:
     kind, device_id = parse_device(device)
     options = session_options(intra_op_threads)
@@ -90,10 +99,7 @@ def _session_on_device(path: Path, device: str, intra_op_threads: int) -> tuple[
     if CUDA not in available:
         reason = f"onnxruntime {ort.__version__} has no {CUDA} (available: {available}; the GPU build is " \
                  f"the onnxruntime-gpu package)"
-        if kind == "cuda":
-            raise DeviceError(f"device={device!r}: {reason}")
-        LOG.info("model %s: using %s: %s", path.name, CPU, reason)
-        return _create(path, options, [CPU]), CPU, 0
+        return _cpu_instead(path, options, device, kind, reason, LOG.info, "using")
     session = _create(path, options, [(CUDA, {"device_id": device_id}), CPU])
     active = session.get_providers()
     if active and active[0] == CUDA:
@@ -102,10 +108,7 @@ def _session_on_device(path: Path, device: str, intra_op_threads: int) -> tuple[
     # onnxruntime silently drops an EP whose libraries (CUDA, cuDNN) fail to load
     reason = f"{CUDA} is installed but the session could not use it (active providers {active}; " \
              f"are the CUDA and cuDNN libraries it needs installed and is GPU {device_id} present?)"
-    if kind == "cuda":
-        raise DeviceError(f"device={device!r}: {reason}")
-    LOG.warning("model %s: falling back to %s: %s", path.name, CPU, reason)
-    return _create(path, options, [CPU]), CPU, 0
+    return _cpu_instead(path, options, device, kind, reason, LOG.warning, "falling back to")
 
 
 def read_metadata(path: Path, metadata: dict) -> tuple[str, ModelSpec]:
