@@ -76,7 +76,7 @@ def generate_launch_description():
         DeclareLaunchArgument("driver", default_value="student", choices=list(ROLES),
                               description="Which model commands the arm (the other runs in shadow)"),
         DeclareLaunchArgument("namespace", default_value="", description="Namespace of all nodes"),
-        DeclareLaunchArgument("device", default_value="auto", choices=["auto", "cpu", "cuda"],
+        DeclareLaunchArgument("device", default_value="cpu", choices=["auto", "cpu", "cuda"],
                               description="onnxruntime execution provider of the policy nodes"),
     ]
     return LaunchDescription(arguments + [OpaqueFunction(function=_nodes)])

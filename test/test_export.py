@@ -306,6 +306,15 @@ def test_student_graph_skips_normalisation_nodes_and_the_noise_heads_on_the_mean
     assert "Softplus" in [n.op_type for n in branches["then_branch"].node]  # the chosen expert's std, noisy path only
 
 
+def test_student_graph_has_no_integer_argmax(student_file):
+    """onnxruntime's CUDA provider has float ArgMax only: an integer one runs on the CPU between two copies."""
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(student_file[0])))
+    values = list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output)
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
+    argmax_inputs = [types.get(n.input[0]) for n in proto.graph.node if n.op_type == "ArgMax"]
+    assert argmax_inputs == [onnx.TensorProto.FLOAT]  # the greedy choice, over the gating weights
+
+
 @pytest.mark.parametrize("covariance, gating, backbone", [
     ("diagonal", "own_mlp", BackboneConfig(hidden=32, mlp_layers=2)),
     ("full", "detached_features", BackboneConfig(kind="transformer", embed_dim=16, heads=2, transformer_layers=1,

@@ -171,7 +171,9 @@ def choose_experts_fast(weights: torch.Tensor, uniform: torch.Tensor, greedy: to
     last = torch.zeros(weights.shape[-1], dtype=weights.dtype)
     last[-1] = float("inf")
     cdf = torch.cumsum(weights + last, -1)
-    sampled = torch.argmax((cdf > uniform.unsqueeze(-1)).to(torch.int32), -1)  # first maximum
+    # a float count, not an ArgMax over integers: onnxruntime's CUDA provider has no integer ArgMax and
+    # ran that node on the CPU, with a device-to-host copy and back in every call (measured on an H200)
+    sampled = (cdf <= uniform.unsqueeze(-1)).to(weights.dtype).sum(-1).to(torch.int64)
     chosen = torch.where(greedy, torch.argmax(weights, -1), sampled)
     return torch.where(forced_expert >= 0, forced_expert, chosen)
 

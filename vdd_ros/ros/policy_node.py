@@ -61,9 +61,10 @@ PARAMETERS = {
     "model": ("", parameter_descriptor(
         ParameterType.PARAMETER_STRING, "Path of the exported .onnx model (student or teacher); "
         "empty: models/student.onnx in the package's share directory.")),
-    "device": ("auto", parameter_descriptor(ParameterType.PARAMETER_STRING,
-                                   "onnxruntime execution provider: auto picks CUDA when available; cuda:N "
-                                   "picks a GPU.",
+    "device": ("cpu", parameter_descriptor(ParameterType.PARAMETER_STRING,
+                                   "onnxruntime execution provider: cpu (fastest for one robot: one call of "
+                                   "a small model costs far less than GPU kernel launches), cuda or cuda:N, "
+                                   "or auto (CUDA when available).",
                                    choices=DEVICES)),
     "intra_op_threads": (1, parameter_descriptor(ParameterType.PARAMETER_INTEGER,
                                         "onnxruntime threads per model call (1 is fastest for small models).",
