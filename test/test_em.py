@@ -41,7 +41,7 @@ def test_em_is_reproducible():
 @pytest.mark.parametrize("bad, field", [
     (dict(n_experts=0), "n_experts"), (dict(batch_size=0), "batch_size"), (dict(expert_lr=-1.0), "expert_lr"),
     (dict(covariance="dense"), "covariance"), (dict(lr_decay="cosine"), "lr_decay"),
-    (dict(lr_final_fraction=2.0), "lr_final_fraction"),
+    (dict(lr_final_fraction=2.0), "lr_final_fraction"), (dict(gating_hidden=-4), "gating_hidden"),
 ])
 def test_bad_em_config_is_refused(bad, field):
     with pytest.raises(ValueError, match=f"EMConfig.{field}"):

@@ -315,20 +315,30 @@ def test_student_graph_has_no_integer_argmax(student_file):
     assert argmax_inputs == [onnx.TensorProto.FLOAT]  # the greedy choice, over the gating weights
 
 
-@pytest.mark.parametrize("covariance, gating, backbone", [
-    ("diagonal", "own_mlp", BackboneConfig(hidden=32, mlp_layers=2)),
-    ("full", "detached_features", BackboneConfig(kind="transformer", embed_dim=16, heads=2, transformer_layers=1,
-                                                 hidden=32)),
+TINY_TRANSFORMER = BackboneConfig(kind="transformer", embed_dim=16, heads=2, transformer_layers=1, hidden=32)
+
+
+@pytest.mark.parametrize("covariance, gating, backbone, gating_size, folded", [
+    ("diagonal", "own_mlp", BackboneConfig(hidden=32, mlp_layers=2), (16, 1), True),
+    ("full", "detached_features", TINY_TRANSFORMER, (0, 0), False),
+    ("diagonal", "own_mlp", TINY_TRANSFORMER, (0, 0), False),
 ])
-def test_student_export_without_folding_paths_passes_parity(tmp_path, covariance, gating, backbone):
+def test_student_export_of_other_architectures_passes_parity(tmp_path, covariance, gating, backbone, gating_size,
+                                                             folded):
     torch.manual_seed(3)
     model = MixtureOfExpertsPolicy(6, HISTORY, HORIZON * JOINTS, EXPERTS, covariance=covariance, gating=gating,
-                                   backbone=backbone)
+                                   backbone=backbone, gating_hidden=gating_size[0], gating_layers=gating_size[1])
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.3 * torch.randn_like(param))
     report = export.export_student(model.eval(), tiny_spec("vdd_mixture"), tmp_path / "s.onnx")
     assert report.max_error <= export.STUDENT_TOLERANCE and report.experts_identical is True
+    nodes = onnx.load(str(tmp_path / "s.onnx")).graph.node
+    # an MLP backbone with an own-MLP gating: both read raw observations (normalisation folded, fast Mish)
+    reads_obs_raw = [n.op_type for n in nodes if "obs" in n.input] == ["Reshape"]
+    assert reads_obs_raw is folded
+    if folded:
+        assert not {"Sub", "Mish"} & {n.op_type for n in nodes}
 
 
 def test_student_parity_is_checked_against_the_plain_reference(tmp_path, monkeypatch):

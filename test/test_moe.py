@@ -151,12 +151,33 @@ def test_bad_backbone_config_is_refused(bad, field):
     (dict(n_experts=0), "n_experts"), (dict(covariance="dense"), "covariance"), (dict(gating="argmax"), "gating"),
     (dict(min_std=0.0), "min_std"), (dict(init_std=1e-5), "init_std"),
     (dict(mean_init_spread=-1.0), "mean_init_spread"), (dict(mean_init_weight_std=-0.1), "mean_init_weight_std"),
+    (dict(gating_hidden=-1), "gating_hidden"), (dict(gating_layers=1.5), "gating_layers"),
 ])
 def test_bad_policy_arguments_are_refused(bad, field):
     arguments = dict(obs_dim_step=3, history=1, act_dim=2, n_experts=4, backbone=SMALL_MLP)
     arguments.update(bad)
     with pytest.raises(ValueError, match=field):
         MixtureOfExpertsPolicy(**arguments)
+
+
+def test_own_gating_mlp_has_its_own_size_and_keeps_it_in_a_checkpoint(tmp_path):
+    from vdd_ros.learn.checkpoint import load_checkpoint, save_checkpoint
+    from vdd_ros.spec import ModelSpec, Normalization, ObservationField
+
+    policy = MixtureOfExpertsPolicy(3, 1, 3, 4, backbone=SMALL_MLP, gating="own_mlp", gating_hidden=8,
+                                    gating_layers=1)
+    linears = [m for m in policy.gating_net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(3, 8), (8, 4)]
+    spec = ModelSpec(joint_names=("j1", "j2", "j3"), joint_lower=(-3.0,) * 3, joint_upper=(3.0,) * 3,
+                     joint_velocity_limits=(2.0,) * 3, observation_fields=(ObservationField("q", "joint_position", 3),),
+                     history=1, action_kind="joint_position", action_horizon=1, control_rate_hz=10.0,
+                     normalization=Normalization((0.0,) * 3, (1.0,) * 3, (0.0,) * 3, (1.0,) * 3),
+                     model_kind="vdd_mixture")
+    save_checkpoint(tmp_path / "s.pt", policy, "vdd_mixture", spec, {})
+    loaded = load_checkpoint(tmp_path / "s.pt").model
+    assert loaded.hyperparameters["gating_hidden"] == 8 and loaded.hyperparameters["gating_layers"] == 1
+    obs = torch.randn(5, 3)
+    assert torch.equal(loaded.gating_logits(obs, loaded.features(obs)), policy.gating_logits(obs, policy.features(obs)))
 
 
 class Components(torch.nn.Module):

@@ -40,6 +40,8 @@ class EMConfig:
     init_std: float = 1.0  # initial expert standard deviation (normalised units)
     mean_init_spread: float = 1.5  # initial expert means spread over [-b, b]^A (grid in 2-D)
     gating: str = "detached_features"  # "detached_features" or "own_mlp"
+    gating_hidden: int = 0  # own_mlp: width of the gating MLP (0: the backbone's hidden)
+    gating_layers: int = 0  # own_mlp: hidden layers of the gating MLP (0: the backbone's mlp_layers)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     history: int = 1  # frames in the observation window (obs_dim = history * obs_step_dim)
     dead_expert_threshold: float = 1e-3  # expert whose mean gating weight is below this is reported dead
@@ -99,7 +101,8 @@ def train_em(observations, actions, config: EMConfig, progress: bool = True, cal
     model = MixtureOfExpertsPolicy(obs_all.shape[1] // config.history, config.history, act_all.shape[1],
                                    config.n_experts, config.backbone, config.covariance, config.min_std,
                                    config.init_std, config.mean_init_spread, config.gating,
-                                   generator=torch.Generator().manual_seed(config.seed)).to(device)
+                                   generator=torch.Generator().manual_seed(config.seed),
+                                   gating_hidden=config.gating_hidden, gating_layers=config.gating_layers).to(device)
     expert_opt = torch.optim.Adam(expert_parameters(model), lr=config.expert_lr)
     gating_opt = torch.optim.Adam(model.gating_net.parameters(), lr=config.gating_lr)
     history = {"expert_loss": [], "gating_loss": [], "warnings": []}

@@ -44,6 +44,7 @@ from torch.nn import functional as F
 
 from vdd_ros.files import new_file_mode
 from vdd_ros.learn.backbones import MLPBackbone
+from vdd_ros.learn.moe import NormalisedFeatures
 from vdd_ros.runtime.format import (EXPORT_FORMAT_VERSION, GRAPH_INPUTS, GRAPH_OUTPUTS, META_FORMAT, META_ROLE,
                                     META_SPEC, OPSET, ROLE_MODEL_KINDS, ROLE_STUDENT, ROLE_TEACHER_DENOISER,
                                     ROLE_TEACHER_SAMPLER)
@@ -197,9 +198,9 @@ def with_fast_mish(model: nn.Module) -> nn.Module:
 class FastStudentGraph(nn.Module):
     """The exported student: the same function as :class:`StudentGraph` with fewer, cheaper nodes.
 
-    - the observation normalisation is folded into the first Linear of an MLP backbone, the
-      features' 1/sqrt(width) into the heads, and the action de-normalisation into the mean head
-      (computed in float64, stored as float32), so no normalisation node runs;
+    - the observation normalisation is folded into the first Linear of an MLP backbone (and of an
+      own-MLP gating), the features' 1/sqrt(width) into the heads, and the action de-normalisation
+      into the mean head (computed in float64, stored as float32), so no normalisation node runs;
     - Mish is :func:`fast_mish`;
     - the expert is chosen by :func:`choose_experts_fast` and its mean picked from the flat means
       with one GatherElements; only the noise offset sits in an ONNX
@@ -224,13 +225,13 @@ class FastStudentGraph(nn.Module):
         # an MLP backbone reading the window alone runs here, its first Linear taking raw observations
         self.folded_backbone = isinstance(backbone, MLPBackbone) and backbone.extra_dim == 0 and all(
             isinstance(m, (nn.Linear, nn.Mish)) for m in backbone.net) and isinstance(backbone.net[0], nn.Linear)
-        self.layers = nn.ModuleList()
-        if self.folded_backbone:
-            for i, module in enumerate(backbone.net):
-                if i == 0:
-                    weight = module.weight.double() / obs_std
-                    module = _linear(weight, module.bias.double() - weight @ obs_mean)
-                self.layers.append(module)
+
+        def fold_observation_normalisation(mlp: nn.Sequential) -> nn.ModuleList:
+            first = mlp[0]
+            weight = first.weight.double() / obs_std
+            return nn.ModuleList([_linear(weight, first.bias.double() - weight @ obs_mean)] + list(mlp[1:]))
+
+        self.layers = fold_observation_normalisation(backbone.net) if self.folded_backbone else nn.ModuleList()
         width = model.feature_norm.width
         scale = 1.0 / float(width) ** 0.5  # NormalisedFeatures' 1/sqrt(width), folded into every head
         mean_w = model.mean_head.weight.double().reshape(n_experts, act_dim, width) * (act_std[:, None] * scale)
@@ -240,6 +241,15 @@ class FastStudentGraph(nn.Module):
         if not self.own_gating:
             gate = model.gating_net[-1]
             self.gating_head = _linear(gate.weight.double() * scale, gate.bias.double())
+        # an own gating MLP (Linear/Mish layers, normalised features, Linear) runs on raw observations too
+        gating_parts = list(model.gating_net)
+        self.folded_gating = self.own_gating and len(gating_parts) == 3 and isinstance(gating_parts[0], nn.Sequential) \
+            and all(isinstance(m, (nn.Linear, nn.Mish)) for m in gating_parts[0]) \
+            and isinstance(gating_parts[0][0], nn.Linear) and isinstance(gating_parts[1], NormalisedFeatures)
+        if self.folded_gating:
+            mlp, features, gate = gating_parts
+            self.gating_layers = fold_observation_normalisation(mlp)
+            self.gating_head = _linear(gate.weight.double() / float(features.width) ** 0.5, gate.bias.double())
         # per-expert Cholesky head rows [Z, rows, F], gathered for the chosen expert only
         self.register_buffer("std_w", (model.std_head.weight.double() * scale).reshape(n_experts, act_dim, width)
                              .float())
@@ -255,15 +265,24 @@ class FastStudentGraph(nn.Module):
         # row z: the flat indices z*A + [0, A) of expert z's mean
         self.register_buffer("expert_entries", torch.arange(n_experts * act_dim).reshape(n_experts, act_dim))
 
+    def _run_folded(self, layers: nn.ModuleList, obs: torch.Tensor) -> torch.Tensor:
+        """A folded MLP on raw observations, layer-normalised (without the 1/sqrt(width) the heads hold)."""
+        h = obs.reshape(obs.shape[0], self.obs_dim)
+        for module in layers:
+            h = fast_mish(h) if isinstance(module, nn.Mish) else module(h)
+        return F.layer_norm(h, (h.shape[-1],))
+
     def _features(self, obs: torch.Tensor, flat_normalised: torch.Tensor | None) -> torch.Tensor:
         """Layer-normalised backbone features (without the 1/sqrt(width), which the heads hold)."""
         if self.folded_backbone:
-            h = obs.reshape(obs.shape[0], self.obs_dim)
-            for module in self.layers:
-                h = fast_mish(h) if isinstance(module, nn.Mish) else module(h)
-        else:
-            h = self.model.backbone(flat_normalised)
+            return self._run_folded(self.layers, obs)
+        h = self.model.backbone(flat_normalised)
         return F.layer_norm(h, (h.shape[-1],))
+
+    def _gating_logits(self, obs: torch.Tensor, feats: torch.Tensor, flat_normalised: torch.Tensor | None):
+        if not self.own_gating or self.folded_gating:
+            return self.gating_head(self._run_folded(self.gating_layers, obs) if self.own_gating else feats)
+        return self.model.gating_net(flat_normalised)
 
     def _noisy(self, feats, chosen, actions, noise, noise_scale):
         eps = noise.reshape(noise.shape[0], self.act_dim)
@@ -283,10 +302,10 @@ class FastStudentGraph(nn.Module):
 
     def forward(self, obs, uniform, noise, noise_scale, greedy, forced_expert):
         batch = obs.shape[0]
-        flat_normalised = None if self.folded_backbone and not self.own_gating else \
-            self.normaliser.observations(obs)
+        needs_normalised = not self.folded_backbone or (self.own_gating and not self.folded_gating)
+        flat_normalised = self.normaliser.observations(obs) if needs_normalised else None
         feats = self._features(obs, flat_normalised)
-        logits = self.model.gating_net(flat_normalised) if self.own_gating else self.gating_head(feats)
+        logits = self._gating_logits(obs, feats, flat_normalised)
         weights = torch.softmax(logits, -1)
         flat_means = self.mean_head(feats)  # [B, Z*A], raw units
         chosen = choose_experts_fast(weights, uniform, greedy, forced_expert)

@@ -60,7 +60,8 @@ class MixtureOfExpertsPolicy(nn.Module):
     def __init__(self, obs_dim_step: int, history: int, act_dim: int, n_experts: int,
                  backbone: BackboneConfig | None = None, covariance: str = "full", min_std: float = 1e-4,
                  init_std: float = 1.0, mean_init_spread: float = 1.0, gating: str = "detached_features",
-                 generator: torch.Generator | None = None, mean_init_weight_std: float = 0.0):
+                 generator: torch.Generator | None = None, mean_init_weight_std: float = 0.0,
+                 gating_hidden: int = 0, gating_layers: int = 0):
         super().__init__()
         backbone = BackboneConfig() if backbone is None else backbone
         for name, value, low in (("obs_dim_step", obs_dim_step, 1), ("history", history, 1),
@@ -79,6 +80,9 @@ class MixtureOfExpertsPolicy(nn.Module):
         if not (mean_init_weight_std >= 0 and math.isfinite(mean_init_weight_std)):
             raise ValueError(f"MixtureOfExpertsPolicy mean_init_weight_std: expected a finite number >= 0, "
                              f"got {mean_init_weight_std!r}")
+        for name, value in (("gating_hidden", gating_hidden), ("gating_layers", gating_layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"MixtureOfExpertsPolicy {name}: expected an integer >= 0, got {value!r}")
         if not (mean_init_spread >= 0 and math.isfinite(mean_init_spread)):
             raise ValueError(f"MixtureOfExpertsPolicy mean_init_spread: expected a finite number >= 0, "
                              f"got {mean_init_spread!r}")
@@ -86,7 +90,8 @@ class MixtureOfExpertsPolicy(nn.Module):
                                     n_experts=n_experts, backbone=backbone.validate().to_dict(),
                                     covariance=covariance, min_std=min_std, init_std=init_std,
                                     mean_init_spread=mean_init_spread, gating=gating,
-                                    mean_init_weight_std=mean_init_weight_std)
+                                    mean_init_weight_std=mean_init_weight_std, gating_hidden=gating_hidden,
+                                    gating_layers=gating_layers)
         self.obs_dim = obs_dim_step * history
         self.act_dim = act_dim
         self.n_experts = n_experts
@@ -104,8 +109,9 @@ class MixtureOfExpertsPolicy(nn.Module):
         if gating == "detached_features":  # a linear read-out of the (deep) shared features
             self.gating_net = nn.Sequential(nn.Linear(features, n_experts))
         else:
-            self.gating_net = nn.Sequential(build_mlp(self.obs_dim, backbone.hidden, backbone.mlp_layers),
-                                            NormalisedFeatures(backbone.hidden), nn.Linear(backbone.hidden, n_experts))
+            hidden, layers = gating_hidden or backbone.hidden, gating_layers or backbone.mlp_layers
+            self.gating_net = nn.Sequential(build_mlp(self.obs_dim, hidden, layers), NormalisedFeatures(hidden),
+                                            nn.Linear(hidden, n_experts))
         # L is gathered from [0, diag entries, off-diagonal entries] with a constant index (export friendly).
         tril_rows, tril_cols = torch.tril_indices(act_dim, act_dim, offset=-1)
         index = torch.zeros(act_dim, act_dim, dtype=torch.long)

@@ -60,6 +60,8 @@ def validate_mixture_fields(config, owner: str) -> None:
         fail_field(f"{owner}.covariance", f"one of {COVARIANCES}", config.covariance)
     if config.gating not in GATINGS:
         fail_field(f"{owner}.gating", f"one of {GATINGS}", config.gating)
+    check_int(owner, "gating_hidden", config.gating_hidden, 0)
+    check_int(owner, "gating_layers", config.gating_layers, 0)
     if config.init_std <= config.min_std:
         fail_field(f"{owner}.init_std", f"a number > min_std={config.min_std}", config.init_std)
     if config.dead_expert_threshold >= 1.0 / config.n_experts:
@@ -117,6 +119,8 @@ class VDDConfig:
     # expert an offset that varies with the state (the features have unit norm)
     mean_init_weight_std: float = 0.0
     gating: str = "detached_features"  # "detached_features" or "own_mlp"
+    gating_hidden: int = 0  # own_mlp: width of the gating MLP (0: the backbone's hidden)
+    gating_layers: int = 0  # own_mlp: hidden layers of the gating MLP (0: the backbone's mlp_layers)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     history: int = 1  # frames in the observation window (obs_dim = history * obs_step_dim)
     # The experts see uniform gating for the first gating_warmup_fraction of the run while the gating
@@ -419,7 +423,9 @@ def build_student(config: VDDConfig, obs_dim: int, act_dim: int) -> MixtureOfExp
                                   config.backbone, config.covariance, config.min_std, config.init_std,
                                   config.mean_init_spread, config.gating,
                                   generator=torch.Generator().manual_seed(config.seed),
-                                  mean_init_weight_std=config.mean_init_weight_std).to(config.device)
+                                  mean_init_weight_std=config.mean_init_weight_std,
+                                  gating_hidden=config.gating_hidden, gating_layers=config.gating_layers
+                                  ).to(config.device)
 
 
 def expert_parameters(model: MixtureOfExpertsPolicy) -> list[torch.nn.Parameter]:
