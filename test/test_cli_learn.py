@@ -15,7 +15,7 @@ TINY_TEACHER = ["--set", "iterations=40", "--set", "batch_size=64", "--set", "ba
 TINY_DISTILL = ["--set", "iterations=6", "--set", "n_experts=2", "--set", "samples_per_expert=4",
                 "--set", "batch_size=8", "--set", "gating_batch_size=32", "--set", "backbone.hidden=32",
                 "--set", "backbone.mlp_layers=2", "--set", "gating_warmup_fraction=0.3",
-                "--set", "checkpoint_every=3", "--quiet"]
+                "--set", "checkpoint_every=3", "--set", "warm_start_iterations=5", "--quiet"]
 TINY_EM = ["--set", "iterations=4", "--set", "n_experts=2", "--set", "backbone.hidden=32",
            "--set", "backbone.mlp_layers=2", "--set", "horizon=4", "--set", "execute_steps=2",
            "--set", "observation_fields=[joint_position]", "--quiet"]
@@ -68,7 +68,7 @@ def test_train_distill_em_eval_chain(tmp_path, demos, capsys):
     assert distilled.kind == "vdd_mixture" and distilled.model.n_experts == 2
     assert distilled.config["teacher"] == str(teacher) and distilled.config["dataset"] == str(demos)
     assert distilled.spec.normalization == loaded.spec.normalization
-    assert len(distilled.history["expert_loss"]) == 6
+    assert len(distilled.history["expert_loss"]) == 6 and len(distilled.history["warm_start_loss"]) == 5
 
     assert vdd("train-em", "--dataset", demos, "--out", em, *TINY_EM) == 0
     baseline = load_checkpoint(em, expected_spec=loaded.spec)

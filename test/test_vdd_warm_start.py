@@ -1,4 +1,4 @@
-"""VDDConfig.warm_start_iterations: experts start on different teacher modes before VDD runs."""
+"""VDDConfig.warm_start(_iterations): experts start on different teacher modes before VDD runs."""
 import numpy as np
 import pytest
 import torch
@@ -44,6 +44,7 @@ def test_warm_start_alone_puts_experts_on_distinct_modes():
     (dict(warm_start_iterations=-1), "warm_start_iterations"),
     (dict(warm_start_candidates=0), "warm_start_candidates"),
     (dict(warm_start_lr=0.0), "warm_start_lr"),
+    (dict(warm_start="kmeans"), "warm_start"),
 ])
 def test_bad_warm_start_settings_name_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
@@ -60,4 +61,38 @@ def test_warm_start_needs_a_sampling_teacher():
     config = VDDConfig(iterations=1, warm_start_iterations=5, gating_steps_per_iter=0, samples_per_expert=4,
                        backbone=SMALL_MLP)
     with pytest.raises(ValueError, match="warm_start_iterations"):
+        distill(ScoreOnly(), np.zeros((8, 1), np.float32), None, config, progress=False)
+
+
+def test_em_warm_start_fits_experts_and_gating_to_the_demonstrations():
+    """EM on demonstrations of four unequal modes: one expert per mode, gating weights as in the data."""
+    square = GaussianMixture(np.array([[2.0, 2.0], [-2.0, 2.0], [-2.0, -2.0], [2.0, -2.0]]), 0.4,
+                             np.array([0.4, 0.3, 0.2, 0.1]))
+    actions = square.sample(8192, np.random.default_rng(0)).astype(np.float32)
+    config = VDDConfig(n_experts=4, iterations=1, warm_start="em", warm_start_iterations=300, samples_per_expert=4,
+                       expert_lr=1e-2, gating_lr=1e-2, init_std=1.0, mean_init_spread=1.5,
+                       backbone=BackboneConfig(hidden=64, mlp_layers=2), gating_warmup_fraction=0.0,
+                       reinit_fractions=(), seed=1)
+    model = distill(AnalyticTeacher(square, obs_dim=1), np.zeros((8192, 1), np.float32), actions, config,
+                    progress=False)
+    with torch.no_grad():
+        weights, means = (t[0] for t in model.weights_and_means(torch.zeros(1, 1)))
+    distances = torch.cdist(torch.as_tensor(square.means, dtype=torch.float32), means)
+    nearest = distances.argmin(1)
+    assert sorted(nearest.tolist()) == [0, 1, 2, 3]  # one expert per mode
+    assert float(distances.min(1).values.max()) < 0.25  # the one VDD step after it moves a mean by ~0.07
+    assert weights[nearest].tolist() == pytest.approx([0.4, 0.3, 0.2, 0.1], abs=0.05)
+    assert len(model.training_history["warm_start_loss"]) == 300
+
+
+def test_em_warm_start_without_actions_or_samples_is_refused():
+    class ScoreOnly:
+        obs_dim, act_dim = 1, 2
+
+        def score(self, actions, obs, sigma):
+            return -actions
+
+    config = VDDConfig(iterations=1, warm_start="em", warm_start_iterations=5, gating_steps_per_iter=0,
+                       samples_per_expert=4, backbone=SMALL_MLP)
+    with pytest.raises(ValueError, match="warm_start: 'em' needs demonstration actions"):
         distill(ScoreOnly(), np.zeros((8, 1), np.float32), None, config, progress=False)

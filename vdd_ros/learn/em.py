@@ -71,6 +71,33 @@ class EMConfig:
         return 1.0 - (1.0 - self.lr_final_fraction) * iteration / max(1, self.iterations - 1)
 
 
+def em_iteration(model: MixtureOfExpertsPolicy, obs: torch.Tensor, act: torch.Tensor, expert_opt, gating_opt,
+                 iteration: int, expert_steps: int = 1, gating_steps: int = 1) -> tuple[float, float]:
+    """One E-step and the expert and gating M-steps on ``(obs, act)``; returns (expert, gating) loss."""
+    with torch.no_grad():  # E-step
+        features = model.features(obs)
+        log_w = torch.log_softmax(model.gating_logits(obs, features), -1)
+        responsibilities = posterior_log_probs(model, act, log_w, model.expert_means(features),
+                                               model.expert_scales(features)).exp()
+    expert_loss = torch.zeros(())
+    for _ in range(expert_steps):
+        expert_loss = -(responsibilities * model.expert_log_probs(act, obs)).sum(-1).mean()
+        check_finite(iteration, "expert loss", expert_loss)
+        expert_opt.zero_grad(set_to_none=True)
+        expert_loss.backward()
+        expert_opt.step()
+    gating_loss = torch.zeros(())
+    for _ in range(gating_steps):
+        with torch.no_grad():
+            features = model.features(obs)
+        gating_loss = -(responsibilities * torch.log_softmax(model.gating_logits(obs, features), -1)).sum(-1).mean()
+        check_finite(iteration, "gating loss", gating_loss)
+        gating_opt.zero_grad(set_to_none=True)
+        gating_loss.backward()
+        gating_opt.step()
+    return expert_loss.item(), gating_loss.item()
+
+
 def train_em(observations, actions, config: EMConfig, progress: bool = True, callback=None
              ) -> MixtureOfExpertsPolicy:
     """Fit a mixture of experts to ``(observations [N, obs_dim], actions [N, act_dim])`` by EM.
@@ -116,28 +143,9 @@ def train_em(observations, actions, config: EMConfig, progress: bool = True, cal
             for group in optimiser.param_groups:
                 group["lr"] = base_lr * config.lr_factor(iteration)
         idx = torch.randint(obs_all.shape[0], (config.batch_size,), generator=generator, device=device)
-        obs, act = obs_all[idx], act_all[idx]
-        with torch.no_grad():  # E-step
-            features = model.features(obs)
-            log_w = torch.log_softmax(model.gating_logits(obs, features), -1)
-            responsibilities = posterior_log_probs(model, act, log_w, model.expert_means(features),
-                                                   model.expert_scales(features)).exp()
-        for _ in range(config.expert_steps_per_iter):
-            expert_loss = -(responsibilities * model.expert_log_probs(act, obs)).sum(-1).mean()
-            check_finite(iteration, "expert loss", expert_loss)
-            expert_opt.zero_grad(set_to_none=True)
-            expert_loss.backward()
-            expert_opt.step()
-        gating_loss = torch.zeros(())
-        for _ in range(config.gating_steps_per_iter):
-            with torch.no_grad():
-                features = model.features(obs)
-            gating_loss = -(responsibilities * torch.log_softmax(model.gating_logits(obs, features), -1)).sum(-1).mean()
-            check_finite(iteration, "gating loss", gating_loss)
-            gating_opt.zero_grad(set_to_none=True)
-            gating_loss.backward()
-            gating_opt.step()
-        record = {"iteration": iteration, "expert_loss": expert_loss.item(), "gating_loss": gating_loss.item()}
+        expert_loss, gating_loss = em_iteration(model, obs_all[idx], act_all[idx], expert_opt, gating_opt, iteration,
+                                                config.expert_steps_per_iter, config.gating_steps_per_iter)
+        record = {"iteration": iteration, "expert_loss": expert_loss, "gating_loss": gating_loss}
         history["expert_loss"].append(record["expert_loss"])
         history["gating_loss"].append(record["gating_loss"])
         if callback is not None:

@@ -23,10 +23,12 @@ What the 2-D check needed beyond that (measured; see the method page's pitfalls)
 - linear learning-rate decay counted in iterations; the gating's decays over its own
   (pre-freeze) iterations.
 
-What the arm task needed (measured; off by default): a supervised warm start that puts expert z
-on the z-th ranked teacher sample at every state (``warm_start_iterations``). Experts started at
-uniform means far from the data all followed the teacher's unreliable off-manifold score onto
-the same route (behaviour entropy 0.0).
+What the arm task needed (measured; off by default): a warm start (``warm_start_iterations``),
+either supervised (expert z on the z-th ranked teacher sample at every state) or EM on the
+demonstrations, which gives each expert its own region and the gating a meaning before VDD.
+Experts started at uniform means far from the data all followed the teacher's unreliable
+off-manifold score onto the same route (behaviour entropy 0.0); experts trained under uniform
+gating all take the same path wherever one path dominates the teacher's local modes.
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ from vdd_ros.learn.moe import COVARIANCES, GATINGS, MixtureOfExpertsPolicy
 from vdd_ros.learn.teacher_protocol import can_sample, check_teacher
 
 LR_DECAYS = ("linear", "none")
+
+
+WARM_STARTS = ("ranked", "em")
 
 
 def fail_field(name: str, expected: str, actual) -> None:
@@ -135,11 +140,14 @@ class VDDConfig:
     reinit_fractions: tuple[float, ...] = (0.15, 0.3, 0.45)  # when (fractions of the run); () disables
     reinit_distance: float = 1.0  # duplicate if |mu_i - mu_j| / std_i averaged over states is below this
     reinit_batch_size: int = 4096  # demonstrations scored to find the worst-explained region
-    # Warm start (before the VDD iterations, needs teacher.sample): expert z's mean is regressed onto
-    # the z-th of Z teacher samples per state ranked along one fixed direction (the main direction in
-    # which the teacher's samples at one state differ), so the experts start ON the teacher's modes,
-    # each on a different one and consistently across states. Far from the data the teacher's score
-    # is unreliable and pulls experts that start off-manifold onto the same route. 0: no warm start.
+    # Warm start before the VDD iterations (0 iterations: none). "ranked" (needs teacher.sample):
+    # expert z's mean is regressed onto the z-th of Z teacher samples per state ranked along one fixed
+    # direction (the main direction in which the teacher's samples at one state differ), so the experts
+    # start ON the teacher's modes, each on a different one and consistently across states. "em": EM on
+    # the (state, action) pairs of the gating step (demonstrations, else teacher samples) with the
+    # expert and gating learning rates: experts and gating start as the EM baseline, each expert
+    # responsible for its own region (then gating_warmup_fraction=0: VDD keeps using that gating).
+    warm_start: str = "ranked"
     warm_start_iterations: int = 0
     warm_start_candidates: int = 4  # teacher samples drawn per expert and state; the ranked quantiles are kept
     warm_start_lr: float = 1e-2  # Adam learning rate of the warm start (decays linearly over its iterations)
@@ -179,6 +187,8 @@ class VDDConfig:
         check_int(owner, "reinit_batch_size", self.reinit_batch_size, 1)
         check_int(owner, "warm_start_iterations", self.warm_start_iterations, 0)
         check_int(owner, "warm_start_candidates", self.warm_start_candidates, 1)
+        if self.warm_start not in WARM_STARTS:
+            fail_field(f"{owner}.warm_start", f"one of {WARM_STARTS}", self.warm_start)
         check_float(owner, "reinit_distance", self.reinit_distance, 0.0, strict=True)
         if not isinstance(self.reinit_fractions, (tuple, list)):
             fail_field(f"{owner}.reinit_fractions", "a list of numbers in (0, 1)", self.reinit_fractions)
@@ -415,6 +425,28 @@ def warm_start(model: MixtureOfExpertsPolicy, teacher, obs_all: torch.Tensor, co
     return losses
 
 
+def em_warm_start(model: MixtureOfExpertsPolicy, state_action_batch, config: VDDConfig, bar=None) -> list[float]:
+    """EM on ``state_action_batch(size, iteration)`` pairs before VDD (see VDDConfig.warm_start)."""
+    from vdd_ros.learn.em import em_iteration  # em.py builds on this module
+
+    expert_opt = torch.optim.Adam(expert_parameters(model), lr=config.expert_lr)
+    gating_opt = torch.optim.Adam(model.gating_net.parameters(), lr=config.gating_lr)
+    losses = []
+    for iteration in range(config.warm_start_iterations):
+        factor = config.lr_factor(iteration, config.warm_start_iterations)
+        for optimiser, base_lr in ((expert_opt, config.expert_lr), (gating_opt, config.gating_lr)):
+            for group in optimiser.param_groups:
+                group["lr"] = base_lr * factor
+        expert_loss, _ = em_iteration(model, *state_action_batch(config.gating_batch_size, iteration), expert_opt,
+                                      gating_opt, iteration)
+        losses.append(expert_loss)
+        if bar is not None:
+            bar.update(1)
+            if iteration % 20 == 0:
+                bar.set_postfix(em_warm_start_nll=f"{expert_loss:.3g}")
+    return losses
+
+
 def build_student(config: VDDConfig, obs_dim: int, act_dim: int) -> MixtureOfExpertsPolicy:
     if obs_dim % config.history != 0:
         fail_field("VDDConfig.history", f"a divisor of the observation width {obs_dim}", config.history)
@@ -464,9 +496,13 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
     elif config.gating_steps_per_iter > 0 and not can_sample(teacher):
         raise ValueError("actions: expected demonstration actions, got None, and the teacher has no "
                          "sample(obs) method to draw them instead")
-    if config.warm_start_iterations > 0 and not can_sample(teacher):
+    if config.warm_start_iterations > 0 and config.warm_start == "ranked" and not can_sample(teacher):
         raise ValueError(f"VDDConfig.warm_start_iterations: expected 0 for a teacher without sample(obs), "
-                         f"got {config.warm_start_iterations}")
+                         f"got {config.warm_start_iterations} (or warm_start='em' with demonstrations)")
+    if config.warm_start_iterations > 0 and config.warm_start == "em" and act_all is None \
+            and not can_sample(teacher):
+        raise ValueError("VDDConfig.warm_start: 'em' needs demonstration actions or a teacher with sample(obs), "
+                         "got neither")
 
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
@@ -496,8 +532,10 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=config.iterations + config.warm_start_iterations, desc="VDD", unit="it")
-    if config.warm_start_iterations > 0:
+    if config.warm_start_iterations > 0 and config.warm_start == "ranked":
         history["warm_start_loss"] = warm_start(model, teacher, obs_all, config, generator, bar)
+    elif config.warm_start_iterations > 0:
+        history["warm_start_loss"] = em_warm_start(model, state_action_batch, config, bar)
     for iteration in range(config.iterations):
         for group in expert_opt.param_groups:
             group["lr"] = config.expert_lr * config.lr_factor(iteration)
