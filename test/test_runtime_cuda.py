@@ -11,7 +11,7 @@ import pytest
 
 from vdd_ros.paths import model_file
 from vdd_ros.runtime import DeviceError, load_policy
-from vdd_ros.runtime.session import CPU, CUDA, session_options
+from vdd_ros.runtime.session import CPU, CUDA, cuda_provider, session_options
 
 
 def _cuda_reason() -> str | None:
@@ -64,7 +64,7 @@ def test_student_runs_entirely_on_the_gpu(tmp_path):
     options.enable_profiling = True
     options.profile_file_prefix = str(tmp_path / "student")
     session = ort.InferenceSession(str(model_file("student.onnx")), sess_options=options,
-                                   providers=[(CUDA, {"use_tf32": "0"}), CPU])
+                                   providers=[cuda_provider(0), CPU])
     policy = load_policy(model_file("student.onnx"), device="cpu")
     feeds = {k: v.copy() for k, v in policy._call.inputs.items()}
     feeds["obs"][0] = windows(policy, 1, seed=2)[0]

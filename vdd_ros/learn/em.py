@@ -18,7 +18,7 @@ import torch
 
 from vdd_ros.learn.backbones import BackboneConfig
 from vdd_ros.learn.moe import MixtureOfExpertsPolicy
-from vdd_ros.learn.vdd import check_float, check_int, fail_field, as_tensor, check_finite, expert_parameters, \
+from vdd_ros.learn.vdd import build_mixture, check_float, check_int, as_tensor, check_finite, expert_parameters, \
     finish_training, posterior_log_probs, validate_mixture_fields
 
 
@@ -117,19 +117,12 @@ def train_em(observations, actions, config: EMConfig, progress: bool = True, cal
     act_all = as_tensor("actions", act_all, act_all.shape[1], device)
     if act_all.shape[0] != obs_all.shape[0]:
         raise ValueError(f"actions: expected {obs_all.shape[0]} rows (one per observation), got {act_all.shape[0]}")
-    if obs_all.shape[1] % config.history != 0:
-        fail_field("EMConfig.history", f"a divisor of the observation width {obs_all.shape[1]}", config.history)
 
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     start = time.perf_counter()
-    torch.manual_seed(config.seed)
+    model = build_mixture(config, obs_all.shape[1], act_all.shape[1])
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    model = MixtureOfExpertsPolicy(obs_all.shape[1] // config.history, config.history, act_all.shape[1],
-                                   config.n_experts, config.backbone, config.covariance, config.min_std,
-                                   config.init_std, config.mean_init_spread, config.gating,
-                                   generator=torch.Generator().manual_seed(config.seed),
-                                   gating_hidden=config.gating_hidden, gating_layers=config.gating_layers).to(device)
     expert_opt = torch.optim.Adam(expert_parameters(model), lr=config.expert_lr)
     gating_opt = torch.optim.Adam(model.gating_net.parameters(), lr=config.gating_lr)
     history = {"expert_loss": [], "gating_loss": [], "warnings": []}

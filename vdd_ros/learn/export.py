@@ -280,8 +280,10 @@ class FastStudentGraph(nn.Module):
         return F.layer_norm(h, (h.shape[-1],))
 
     def _gating_logits(self, obs: torch.Tensor, feats: torch.Tensor, flat_normalised: torch.Tensor | None):
-        if not self.own_gating or self.folded_gating:
-            return self.gating_head(self._run_folded(self.gating_layers, obs) if self.own_gating else feats)
+        if not self.own_gating:
+            return self.gating_head(feats)
+        if self.folded_gating:
+            return self.gating_head(self._run_folded(self.gating_layers, obs))
         return self.model.gating_net(flat_normalised)
 
     def _noisy(self, feats, chosen, actions, noise, noise_scale):

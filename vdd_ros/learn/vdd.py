@@ -447,15 +447,18 @@ def em_warm_start(model: MixtureOfExpertsPolicy, state_action_batch, config: VDD
     return losses
 
 
-def build_student(config: VDDConfig, obs_dim: int, act_dim: int) -> MixtureOfExpertsPolicy:
+def build_mixture(config, obs_dim: int, act_dim: int) -> MixtureOfExpertsPolicy:
+    """The seeded mixture a VDDConfig or an EMConfig describes (from the fields they share)."""
+    owner = type(config).__name__
     if obs_dim % config.history != 0:
-        fail_field("VDDConfig.history", f"a divisor of the observation width {obs_dim}", config.history)
+        fail_field(f"{owner}.history", f"a divisor of the observation width {obs_dim}", config.history)
     torch.manual_seed(config.seed)
     return MixtureOfExpertsPolicy(obs_dim // config.history, config.history, act_dim, config.n_experts,
                                   config.backbone, config.covariance, config.min_std, config.init_std,
                                   config.mean_init_spread, config.gating,
                                   generator=torch.Generator().manual_seed(config.seed),
-                                  mean_init_weight_std=config.mean_init_weight_std,
+                                  # EMConfig has no such field: EM's experts start state independent
+                                  mean_init_weight_std=getattr(config, "mean_init_weight_std", 0.0),
                                   gating_hidden=config.gating_hidden, gating_layers=config.gating_layers
                                   ).to(config.device)
 
@@ -507,7 +510,7 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     start = time.perf_counter()
-    model = build_student(config, obs_all.shape[1], teacher.act_dim)
+    model = build_mixture(config, obs_all.shape[1], teacher.act_dim)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     expert_opt = torch.optim.Adam(expert_parameters(model), lr=config.expert_lr)
     gating_opt = torch.optim.Adam(model.gating_net.parameters(), lr=config.gating_lr)

@@ -80,6 +80,15 @@ def _create(path: Path, options: ort.SessionOptions, providers: list) -> ort.Inf
         raise ModelLoadError(f"model {path}: not a loadable ONNX model ({native_reason(err)})") from None
 
 
+def cuda_provider(device_id: int) -> tuple[str, dict]:
+    """The CUDA execution provider with the options every vdd_ros CUDA session uses.
+
+    TF32 matrix products (the CUDA provider's default on Ampere and later) differ from the CPU by ~1e-3;
+    off, CUDA and CPU actions agree within float32 rounding (measured on an H200).
+    """
+    return CUDA, {"device_id": device_id, "use_tf32": "0"}
+
+
 def _cpu_instead(path: Path, options: ort.SessionOptions, device: str, kind: str, reason: str, log, verb: str
                  ) -> tuple[ort.InferenceSession, str, int]:
     """The CPU session when CUDA is not usable: an error if CUDA was asked for explicitly, else logged."""
@@ -103,9 +112,7 @@ def _session_on_device(path: Path, device: str, intra_op_threads: int) -> tuple[
     # onnxruntime 1.31 logs a harmless "No registered plugin EP device found" warning on its default
     # logger for every CUDA session; the reason for a fallback is logged below instead
     ort.set_default_logger_severity(3)
-    # TF32 matrix products (the CUDA provider's default on Ampere and later) differ from the CPU by ~1e-3;
-    # off, CUDA and CPU actions agree within float32 rounding (measured on an H200)
-    session = _create(path, options, [(CUDA, {"device_id": device_id, "use_tf32": "0"}), CPU])
+    session = _create(path, options, [cuda_provider(device_id), CPU])
     active = session.get_providers()
     if active and active[0] == CUDA:
         LOG.info("model %s: using %s on device %d", path.name, CUDA, device_id)
