@@ -51,7 +51,9 @@ def _nodes(context):
     actions = [_policy_node(role, role == driver, models[role], params_file, device, namespace) for role in roles]
     if _flag(context, "use_sim"):
         actions.append(Node(package=PACKAGE, executable="arm_sim_node", name="arm_sim", namespace=namespace,
-                            parameters=[LaunchConfiguration("sim_params_file").perform(context)],
+                            # the first episode waits for every policy node, the shadow included
+                            parameters=[LaunchConfiguration("sim_params_file").perform(context),
+                                        {"wait_for_subscribers": len(roles)}],
                             output="screen", emulate_tty=True))
     shadow = [role for role in roles if role != driver]
     actions.append(LogInfo(msg=f"vdd_ros: {driver} drives" + (f", {shadow[0]} in shadow" if shadow else "")))

@@ -216,6 +216,30 @@ def test_joint_trajectory_output_drives_the_sim(tmp_path, domain_id, student):
         np.testing.assert_allclose(ros_path[:4], offline_path[::10][:4], atol=0.01)
 
 
+def test_first_episode_waits_for_the_asked_number_of_joint_state_subscribers(tmp_path, domain_id):
+    """wait_for_subscribers: no episode starts until joint_states has that many subscribers (a slow shadow
+    node would otherwise miss the first, fast lockstep episodes); one subscriber more and it starts."""
+    from std_msgs.msg import Int32
+
+    monitor = EpisodeMonitor(domain_id)
+    starts = []
+    monitor.node.create_subscription(Int32, "episode_start", lambda m: starts.append(m.data), 10)
+    sim = NodeProcess("arm_sim_node", tmp_path / "sim.log", ros_environment(domain_id),
+                      params_files=[config_file("arm_sim.yaml")],
+                      parameters={"lockstep": True, "settle_s": 0.05, "wait_for_subscribers": 1})
+    try:
+        monitor.spin_until(lambda: False, 3.0)  # settle_s is over long before: only the missing subscriber holds it
+        assert starts == [], sim.log()[-1500:]
+        monitor.node.create_subscription(JointState, "joint_states", lambda m: None, 10)
+        assert monitor.spin_until(lambda: starts, timeout=10), sim.log()[-1500:]
+        assert starts[0] == 0
+    finally:
+        codes = stop_all([sim])
+        monitor.close()
+    assert codes == [0]
+    assert "waits for 1 subscribers on /joint_states, 0 so far" in sim.log()
+
+
 # --- bad input over DDS ----------------------------------------------------------------------------------
 def test_bad_joint_states_give_no_command_and_the_node_stays_up(tmp_path, domain_id, student):
     probe = Probe(domain_id)

@@ -184,14 +184,16 @@ def run(args) -> int:
                 params_files=[config_file("policy.yaml")],
                 parameters={"model": str(models[role]), "seed": args.seed, **policy_parameters},
                 node_name=policy_names[role], remappings=shadow))
-        # the sim starts once the monitor hears the policy nodes, so no early message is lost
+        # the sim starts once the monitor hears the policy nodes, and its first episode waits until every
+        # policy node subscribes to joint_states: no early message is lost, the shadow sees every episode
         missing = monitor.wait_for_policy_nodes(timeout=60)
         if missing:
             raise UserError(f"the policy nodes do not publish {missing} after 60 s; see {out_dir / 'logs'}")
         processes.append(NodeProcess("arm_sim_node", out_dir / "logs" / "arm_sim.log", env,
                                      params_files=[config_file("arm_sim.yaml")],
                                      parameters={"seed": args.seed, "max_episodes": args.episodes,
-                                                 "lockstep": args.lockstep}))
+                                                 "lockstep": args.lockstep,
+                                                 "wait_for_subscribers": len(roles)}))
 
         def progress(n):
             bar.update(n - bar.n)

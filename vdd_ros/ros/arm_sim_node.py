@@ -75,6 +75,10 @@ PARAMETERS = {
                                     "period and the physics waits for the next command on 'commands' (run the "
                                     "policy node with trigger:=observation, output:=commands). As fast as the "
                                     "policy answers, and scored exactly like an offline rollout.")),
+    "wait_for_subscribers": (0, parameter_descriptor(ParameterType.PARAMETER_INTEGER,
+                                            "Keep the first episode settling until joint_states has this many "
+                                            "subscribers (0 = do not wait), so that every policy node, a shadow "
+                                            "included, sees the whole run.", int_range=(0, 1000))),
     "publish_every": (1, parameter_descriptor(ParameterType.PARAMETER_INTEGER, "Publish joint_states every this many "
                                                                       "physics ticks.", int_range=(1, 1000))),
 }
@@ -88,6 +92,7 @@ class ArmSimNode(Node):
         p = {name: self.get_parameter(name).value for name in PARAMETERS}
         self.auto_reset, self.max_episodes, self.settle_s = p["auto_reset"], p["max_episodes"], p["settle_s"]
         self.rtf, self.publish_every, self.lockstep = p["real_time_factor"], p["publish_every"], p["lockstep"]
+        self.wait_for_subscribers = p["wait_for_subscribers"]
         if self.lockstep and p["publish_clock"]:
             self.get_logger().warning("publish_clock is ignored in lockstep: stamps are wall-clock times")
             p["publish_clock"] = False
@@ -140,6 +145,19 @@ class ArmSimNode(Node):
         self._settle_until = self.clock_s + self.settle_s
         self._settle_until_wall = time.monotonic() + self.settle_s
         self._announced_at = -math.inf
+
+    def _subscribers_ready(self) -> bool:
+        """Whether the first episode may start: joint_states has the subscribers asked for."""
+        if self.wait_for_subscribers == 0:
+            return True
+        found = self.count_subscribers(self.joint_pub.topic_name)
+        if found >= self.wait_for_subscribers:
+            self.get_logger().info(f"{found} subscribers on {self.joint_pub.topic_name}: episode {self.episode} starts")
+            self.wait_for_subscribers = 0
+            return True
+        self._warn("subscribers", f"episode {self.episode} waits for {self.wait_for_subscribers} subscribers on "
+                                  f"{self.joint_pub.topic_name}, {found} so far")
+        return False
 
     def _end_episode(self) -> None:
         sim = self.sim
@@ -233,7 +251,7 @@ class ArmSimNode(Node):
 
     def _on_lockstep_timer(self) -> None:
         now = time.monotonic()
-        if self.state == SETTLING and now >= self._settle_until_wall:
+        if self.state == SETTLING and now >= self._settle_until_wall and self._subscribers_ready():
             self.state = WAITING
         if self.state == WAITING and now - self._announced_at >= LOCKSTEP_REPEAT_S:
             # announce, then the first observation a moment later: the policy has cleared its history by then
@@ -262,7 +280,7 @@ class ArmSimNode(Node):
         self.clock_s += self.dt
         if self.clock_pub is not None:
             self.clock_pub.publish(Clock(clock=self._stamp()))
-        if self.state == SETTLING and self.clock_s >= self._settle_until:
+        if self.state == SETTLING and self.clock_s >= self._settle_until and self._subscribers_ready():
             self.state = WAITING
         if self.state == WAITING and self.clock_s - self._announced_at >= 0.5:
             # repeated while waiting, so a policy node that starts late still clears its history
