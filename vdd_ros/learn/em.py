@@ -18,8 +18,8 @@ import torch
 
 from vdd_ros.learn.backbones import BackboneConfig
 from vdd_ros.learn.moe import MixtureOfExpertsPolicy
-from vdd_ros.learn.vdd import build_mixture, check_float, check_int, as_tensor, check_finite, expert_parameters, \
-    finish_training, posterior_log_probs, validate_mixture_fields
+from vdd_ros.learn.vdd import build_mixture, check_float, check_int, as_tensor, check_finite, finish_training, \
+    mixture_optimisers, posterior_log_probs, set_learning_rate, validate_mixture_fields
 
 
 @dataclass
@@ -123,8 +123,7 @@ def train_em(observations, actions, config: EMConfig, progress: bool = True, cal
     start = time.perf_counter()
     model = build_mixture(config, obs_all.shape[1], act_all.shape[1])
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    expert_opt = torch.optim.Adam(expert_parameters(model), lr=config.expert_lr)
-    gating_opt = torch.optim.Adam(model.gating_net.parameters(), lr=config.gating_lr)
+    expert_opt, gating_opt = mixture_optimisers(model, config)
     history = {"expert_loss": [], "gating_loss": [], "warnings": []}
 
     bar = None
@@ -132,9 +131,8 @@ def train_em(observations, actions, config: EMConfig, progress: bool = True, cal
         from tqdm import tqdm
         bar = tqdm(total=config.iterations, desc="EM", unit="it")
     for iteration in range(config.iterations):
-        for optimiser, base_lr in ((expert_opt, config.expert_lr), (gating_opt, config.gating_lr)):
-            for group in optimiser.param_groups:
-                group["lr"] = base_lr * config.lr_factor(iteration)
+        set_learning_rate(expert_opt, config.expert_lr * config.lr_factor(iteration))
+        set_learning_rate(gating_opt, config.gating_lr * config.lr_factor(iteration))
         idx = torch.randint(obs_all.shape[0], (config.batch_size,), generator=generator, device=device)
         expert_loss, gating_loss = em_iteration(model, obs_all[idx], act_all[idx], expert_opt, gating_opt, iteration,
                                                 config.expert_steps_per_iter, config.gating_steps_per_iter)

@@ -407,8 +407,7 @@ def warm_start(model: MixtureOfExpertsPolicy, teacher, obs_all: torch.Tensor, co
     optimiser = torch.optim.Adam(expert_parameters(model), lr=config.warm_start_lr)
     losses = []
     for iteration in range(config.warm_start_iterations):
-        for group in optimiser.param_groups:
-            group["lr"] = config.warm_start_lr * config.lr_factor(iteration, config.warm_start_iterations)
+        set_learning_rate(optimiser, config.warm_start_lr * config.lr_factor(iteration, config.warm_start_iterations))
         obs = draw(config.batch_size)
         targets = ranked_teacher_targets(teacher, obs, model.n_experts, config.warm_start_candidates, direction,
                                          generator)
@@ -429,14 +428,12 @@ def em_warm_start(model: MixtureOfExpertsPolicy, state_action_batch, config: VDD
     """EM on ``state_action_batch(size, iteration)`` pairs before VDD (see VDDConfig.warm_start)."""
     from vdd_ros.learn.em import em_iteration  # em.py builds on this module
 
-    expert_opt = torch.optim.Adam(expert_parameters(model), lr=config.expert_lr)
-    gating_opt = torch.optim.Adam(model.gating_net.parameters(), lr=config.gating_lr)
+    expert_opt, gating_opt = mixture_optimisers(model, config)
     losses = []
     for iteration in range(config.warm_start_iterations):
         factor = config.lr_factor(iteration, config.warm_start_iterations)
-        for optimiser, base_lr in ((expert_opt, config.expert_lr), (gating_opt, config.gating_lr)):
-            for group in optimiser.param_groups:
-                group["lr"] = base_lr * factor
+        set_learning_rate(expert_opt, config.expert_lr * factor)
+        set_learning_rate(gating_opt, config.gating_lr * factor)
         expert_loss, _ = em_iteration(model, *state_action_batch(config.gating_batch_size, iteration), expert_opt,
                                       gating_opt, iteration)
         losses.append(expert_loss)
@@ -466,6 +463,17 @@ def build_mixture(config, obs_dim: int, act_dim: int) -> MixtureOfExpertsPolicy:
 def expert_parameters(model: MixtureOfExpertsPolicy) -> list[torch.nn.Parameter]:
     gating_ids = {id(p) for p in model.gating_net.parameters()}
     return [p for p in model.parameters() if id(p) not in gating_ids]
+
+
+def mixture_optimisers(model: MixtureOfExpertsPolicy, config) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for the experts (backbone and heads) at ``config.expert_lr``, Adam for the gating at ``config.gating_lr``."""
+    return (torch.optim.Adam(expert_parameters(model), lr=config.expert_lr),
+            torch.optim.Adam(model.gating_net.parameters(), lr=config.gating_lr))
+
+
+def set_learning_rate(optimiser: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimiser.param_groups:
+        group["lr"] = lr
 
 
 def mean_gating_weights(model: MixtureOfExpertsPolicy, observations: torch.Tensor, max_states: int = 4096
@@ -512,8 +520,7 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
     start = time.perf_counter()
     model = build_mixture(config, obs_all.shape[1], teacher.act_dim)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    expert_opt = torch.optim.Adam(expert_parameters(model), lr=config.expert_lr)
-    gating_opt = torch.optim.Adam(model.gating_net.parameters(), lr=config.gating_lr)
+    expert_opt, gating_opt = mixture_optimisers(model, config)
     history = {"expert_loss": [], "gating_loss": [], "warnings": [], "reinitialised": [], "warm_start_loss": []}
     reinit_iterations = {round(fraction * config.iterations) for fraction in config.reinit_fractions}
     n_states = obs_all.shape[0]
@@ -540,10 +547,8 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
     elif config.warm_start_iterations > 0:
         history["warm_start_loss"] = em_warm_start(model, state_action_batch, config, bar)
     for iteration in range(config.iterations):
-        for group in expert_opt.param_groups:
-            group["lr"] = config.expert_lr * config.lr_factor(iteration)
-        for group in gating_opt.param_groups:
-            group["lr"] = config.gating_lr * config.lr_factor(iteration, config.gating_iterations)
+        set_learning_rate(expert_opt, config.expert_lr * config.lr_factor(iteration))
+        set_learning_rate(gating_opt, config.gating_lr * config.lr_factor(iteration, config.gating_iterations))
         warming_up = iteration < config.gating_warmup_iterations
         if iteration in reinit_iterations and iteration > 0:
             obs, act = state_action_batch(config.reinit_batch_size, iteration)
