@@ -86,6 +86,7 @@ class Probe:
         self.executor.add_node(self.node)
         self.commands = []
         self.diagnostics = []
+        self._clients = {}  # service name -> client, discovered and matched once
         self.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: self.diagnostics.extend(m.status), 10)
         self.joint_pub = self.node.create_publisher(JointState, "joint_states", 10)
         self.node.create_subscription(Float64MultiArray, "commands", lambda m: self.commands.append(list(m.data)), 100)
@@ -111,8 +112,15 @@ class Probe:
         return publish
 
     def call(self, srv_type, name, request, timeout=10.0):
-        client = self.node.create_client(srv_type, name)
-        assert client.wait_for_service(timeout_sec=timeout), f"service {name} did not appear"
+        client = self._clients.get(name)
+        if client is None:
+            client = self.node.create_client(srv_type, name)
+            assert client.wait_for_service(timeout_sec=timeout), f"service {name} did not appear"
+            # the client sees the service before the service has matched the client's response reader: an
+            # answer sent in that gap is dropped (seen once in CI, on a loaded machine); give the matching a
+            # moment, once per client
+            self.spin(0.5)
+            self._clients[name] = client
         future = client.call_async(request)
         self.executor.spin_until_future_complete(future, timeout_sec=timeout)
         assert future.done(), f"service {name} did not answer"
