@@ -1,17 +1,19 @@
-"""The arm-task results of the README in one command: teacher, VDD student and EM baseline over seeds.
+"""The arm-task results of docs/results.md in one command: teacher, VDD student and EM baseline over seeds.
 
 For every seed it trains (or reuses) the models with the default configs, evaluates them with
 ``vdd eval`` on the same start states, and writes per-seed JSON and PNG files plus a summary
-(mean and standard deviation over seeds, the targets checked) to ``--out``. ``--install``
-copies the seed-0 models to models/ (teacher.pt, student.pt, em.pt, metrics.json) and the
-figures to docs/figures/.
+(mean and standard deviation over seeds, student/teacher and EM/teacher ratios, the teacher's
+Euler sampler at several step counts) to ``--out``. Every checkpoint is written to ``--out``
+with an explicit ``--out FILE``; nothing in models/ changes unless ``--install`` is given, which
+copies the first seed's models to models/ (teacher.pt, student.pt, em.pt, metrics.json),
+exports them there (teacher.onnx with teacher_denoiser.onnx, student.onnx, em.onnx) and copies
+the figures to docs/figures/.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,12 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vdd_ros.files import copy_file, save_figure, write_json  # noqa: E402  (after the checkout joins sys.path)
+
 
 def vdd(*argv) -> None:
+    """Run one ``vdd`` subcommand in this process; a non-zero exit status stops the script."""
     from vdd_ros.cli import main as cli_main
 
-    if "vdd_ros.cli.learn" not in cli_main.SUBCOMMAND_MODULES:
-        cli_main.SUBCOMMAND_MODULES = cli_main.SUBCOMMAND_MODULES + ("vdd_ros.cli.learn",)
     argv = [str(a) for a in argv]
     print("$ vdd " + " ".join(argv), flush=True)
     code = cli_main.main(argv)
@@ -49,20 +52,29 @@ def mean_std(values):
     return float(array.mean()), float(array.std())
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds of distillation and EM (default: 0 1 2)")
     parser.add_argument("--teacher-seeds", type=int, nargs="+", default=[0],
                         help="teacher seeds; with one, every student distils that teacher (default: 0)")
-    parser.add_argument("--episodes", type=int, default=200, help="evaluation episodes per model and seed")
+    parser.add_argument("--episodes", type=int, default=200,
+                        help="evaluation episodes per model and seed (default: 200)")
     parser.add_argument("--steps-sweep", type=int, nargs="*", default=[4, 8, 16, 32],
-                        help="teacher denoising steps to compare on the seed-0 teacher (empty: skip)")
-    parser.add_argument("--out", default=str(ROOT / "results" / "arm"), help="output folder")
+                        help="Euler steps of the first teacher to compare (default: 4 8 16 32; none given: skip)")
+    parser.add_argument("--out", default=str(ROOT / "results" / "arm"),
+                        help="output folder (default: results/arm in the checkout)")
     parser.add_argument("--reuse", action="store_true", help="reuse checkpoints already in --out")
     parser.add_argument("--install", action="store_true",
-                        help="copy the seed-0 models to models/ and the figures to docs/figures/")
-    args = parser.parse_args()
+                        help="copy the first seed's models to models/ (and export them to .onnx there), the figures to "
+                        "docs/figures/")
+    args = parser.parse_args(argv)
+    if args.episodes < 1:
+        parser.error(f"--episodes: expected an integer >= 1, got {args.episodes}")
+    if any(n < 1 for n in args.steps_sweep):
+        parser.error(f"--steps-sweep: expected integers >= 1, got {args.steps_sweep}")
+    if len(set(args.seeds)) != len(args.seeds) or len(set(args.teacher_seeds)) != len(args.teacher_seeds):
+        parser.error(f"--seeds/--teacher-seeds: expected distinct seeds, got {args.seeds} and {args.teacher_seeds}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +108,7 @@ def main() -> int:
                                                      args.episodes, out)
     summary.update(seeds=args.seeds, teacher_seeds=args.teacher_seeds, episodes=args.episodes,
                    total_wall_time_s=time.perf_counter() - started)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     print(format_summary(summary))
     if args.install:
         install(out, args.seeds[0], args.teacher_seeds[0], summary)
@@ -111,60 +123,64 @@ def summarise(runs) -> dict:
         rows = [row for run in runs for row in run["rows"] if row["model"] == label]
         models[label] = {key: dict(zip(("mean", "std"), mean_std([row[key] for row in rows]))) for key in keys}
         models[label]["per_seed_success"] = [row["success_rate"] for row in rows]
-    teacher, student = models["teacher"], models["student"]
-    targets = {
-        "teacher_success>=0.9": teacher["success_rate"]["mean"] >= 0.9,
-        "teacher_entropy>=0.8": teacher["entropy"]["mean"] >= 0.8,
-        "student_success>=0.95*teacher": student["success_rate"]["mean"] >= 0.95 * teacher["success_rate"]["mean"],
-        "student_entropy>=0.9*teacher": student["entropy"]["mean"] >= 0.9 * teacher["entropy"]["mean"],
-    }
-    return {"models": models, "targets_met": targets}
+    return {"models": models, "ratios": ratios(models)}
+
+
+def ratios(models: dict) -> dict:
+    """Student/teacher and EM/teacher ratios of the mean success rate and behaviour entropy (None: no teacher value)."""
+    def ratio(label, key):
+        value, reference = models[label][key]["mean"], models["teacher"][key]["mean"]
+        return None if value is None or not reference else value / reference
+
+    return {f"{label}_vs_teacher_{name}": ratio(label, key)
+            for label in ("student", "em") for name, key in (("success", "success_rate"), ("entropy", "entropy"))}
 
 
 def steps_sweep(teacher: Path, steps: list[int], episodes: int, out: Path) -> list[dict]:
-    """Teacher success and entropy against the number of denoising steps, for both samplers."""
+    """Teacher success and entropy against the number of Euler steps (the exported sampler's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    steps = sorted(set(steps))
     results = []
-    for sampler in ("euler", "ancestral"):
-        for n_steps in steps:
-            report = out / f"teacher_{sampler}_{n_steps}.json"
-            vdd("eval", "--teacher", teacher, "--n-steps", n_steps, "--sampler", sampler, "--episodes", episodes,
-                "--seed", 1000, "--json", report, "--plot", out / f"teacher_{sampler}_{n_steps}.png")
-            row = json.loads(report.read_text())["models"][0]
-            results.append({"sampler": sampler, "n_steps": n_steps, "success_rate": row["success_rate"],
-                            "entropy": row["entropy"], "time_per_action_ms": row["time_per_action_ms"]})
+    for n_steps in steps:
+        report = out / f"teacher_euler_{n_steps}.json"
+        vdd("eval", "--teacher", teacher, "--n-steps", n_steps, "--episodes", episodes,
+            "--seed", 1000, "--json", report, "--plot", out / f"teacher_euler_{n_steps}.png")
+        row = json.loads(report.read_text())["models"][0]
+        results.append({"sampler": "euler", "n_steps": n_steps, "success_rate": row["success_rate"],
+                        "entropy": row["entropy"], "time_per_action_ms": row["time_per_action_ms"]})
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for sampler, style in (("euler", "-"), ("ancestral", "--")):
-        rows = [r for r in results if r["sampler"] == sampler]
-        ax.plot(steps, [r["success_rate"] for r in rows], "o" + style, color="C0", label=f"success ({sampler})")
-        ax.plot(steps, [r["entropy"] for r in rows], "s" + style, color="C1", label=f"entropy ({sampler})")
+    ax.plot(steps, [r["success_rate"] for r in results], "o-", color="C0", label="success rate")
+    ax.plot(steps, [r["entropy"] for r in results], "s-", color="C1", label="behaviour entropy")
     ax.set_xscale("log", base=2)
     ax.set_xticks(steps, [str(s) for s in steps])
-    ax.set_xlabel("denoising steps N (network evaluations per action)")
+    ax.set_xlabel("Euler steps N (network evaluations per action)")
     ax.set_ylim(0, 1.02)
     ax.set_title("diffusion teacher on arm_avoid vs sampling steps", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "teacher_steps.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "teacher_steps.png", dpi=110)
     return results
 
 
 def format_summary(summary: dict) -> str:
     lines = ["model    success        entropy        collision      NFE  ms/action",
              "-------  -------------  -------------  -------------  ---  ---------"]
+    def cell(metrics, key, digits=3):
+        value = metrics[key]
+        return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}" if value["mean"] is not None else "n/a"
+
     for label, metrics in summary["models"].items():
-        def cell(key, digits=3):
-            value = metrics[key]
-            return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}" if value["mean"] is not None else "n/a"
-        lines.append(f"{label:<8} {cell('success_rate'):<14} {cell('entropy'):<14} {cell('collision_rate'):<14} "
+        lines.append(f"{label:<8} {cell(metrics, 'success_rate'):<14} {cell(metrics, 'entropy'):<14} "
+                     f"{cell(metrics, 'collision_rate'):<14} "
                      f"{metrics['network_evaluations_per_action']['mean']:<4.0f} "
                      f"{metrics['time_per_action_ms']['mean']:.2f}")
-    lines.append("targets: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in summary["targets_met"].items()))
+    lines.append("mean over seeds, relative to the teacher: " + ", ".join(
+        f"{key.replace('_vs_teacher_', ' ')} {value:.3f}" if value is not None else f"{key} n/a"
+        for key, value in summary["ratios"].items()))
     lines.append("training wall time [s]: " + ", ".join(
         f"{k}={v:.0f}" for k, v in summary["training_wall_time_s"].items() if v is not None))
     return "\n".join(lines)
@@ -173,19 +189,23 @@ def format_summary(summary: dict) -> str:
 def install(out: Path, seed: int, teacher_seed: int, summary: dict) -> None:
     models = ROOT / "models"
     figures = ROOT / "docs" / "figures"
-    models.mkdir(exist_ok=True)
-    figures.mkdir(parents=True, exist_ok=True)
-    for source, name in ((out / f"teacher_s{teacher_seed}.pt", "teacher.pt"),
-                         (out / f"student_s{seed}.pt", "student.pt"), (out / f"em_s{seed}.pt", "em.pt")):
-        tmp = models / f".{name}.tmp"
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, models / name)
-    (models / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.copyfile(out / f"rollouts_s{seed}.png", figures / "arm_rollouts.png")
-    if (out / "teacher_steps.png").is_file():
-        shutil.copyfile(out / "teacher_steps.png", figures / "arm_teacher_steps.png")
-    print(f"installed models/teacher.pt, models/student.pt, models/em.pt, models/metrics.json, "
-          f"docs/figures/arm_rollouts.png")
+    installed = []
+    for source, target in ((out / f"teacher_s{teacher_seed}.pt", models / "teacher.pt"),
+                           (out / f"student_s{seed}.pt", models / "student.pt"),
+                           (out / f"em_s{seed}.pt", models / "em.pt"),
+                           (out / f"rollouts_s{seed}.png", figures / "arm_rollouts.png"),
+                           (out / "teacher_steps.png", figures / "arm_teacher_steps.png")):
+        if source.name == "teacher_steps.png" and not source.is_file():
+            continue  # run with no --steps-sweep
+        copy_file(source, target)
+        installed.append(target.relative_to(ROOT))
+    write_json(models / "metrics.json", summary)
+    installed.append((models / "metrics.json").relative_to(ROOT))
+    # the shipped ONNX files are exports of the shipped checkpoints: refresh them with the checkpoints
+    for name in ("teacher", "student", "em"):
+        vdd("export", models / f"{name}.pt", "--out", models / f"{name}.onnx")
+        installed.append((models / f"{name}.onnx").relative_to(ROOT))
+    print("installed " + ", ".join(str(path) for path in installed))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The arm-task numbers of the README: trains teacher, VDD student and EM baseline with the default
+# The arm-task numbers of docs/results.md: trains teacher, VDD student and EM baseline with the default
 # configs over 3 seeds, evaluates them on the same episodes and prints mean ± std.
 #   bash scripts/arm_results.sh            # results in results/arm/
 #   bash scripts/arm_results.sh --install  # also refresh models/ and docs/figures/arm_*.png

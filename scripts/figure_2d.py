@@ -63,8 +63,10 @@ def main(argv=None) -> int:
     observations = np.zeros((args.demos, 1), np.float32)
     demos = mixture.sample(args.demos, rng).astype(np.float32)
 
-    vdd = distill(teacher, observations, demos, VDDConfig(seed=args.seed, iterations=args.iterations))
-    em = train_em(observations, demos, EMConfig(n_experts=8, seed=args.seed, iterations=args.iterations))
+    # the 2-D check's recipe is a named preset (the dataclass defaults are the arm task's)
+    vdd = distill(teacher, observations, demos, VDDConfig.preset("gmm2d", seed=args.seed, iterations=args.iterations))
+    em = train_em(observations, demos, EMConfig.preset("gmm2d", n_experts=8, seed=args.seed,
+                                                       iterations=args.iterations))
 
     extent = 3.8
     grid = np.linspace(-extent, extent, 200)

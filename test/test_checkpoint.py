@@ -39,11 +39,29 @@ def test_round_trip_restores_model_spec_config_and_history(tmp_path):
     assert loaded.history == {"loss": [1.0, 0.5]}
     model = loaded.model
     assert isinstance(model, DiffusionTeacher) and not model.training
-    assert (model.n_steps, model.sigma_max, model.sampler) == (4, 5.0, "euler")
+    assert (model.n_steps, model.sigma_max) == (4, 5.0)
     obs, noise = torch.randn(3, 6), torch.randn(3, 12)
     assert torch.equal(model.sample(obs, noise=noise), teacher.eval().sample(obs, noise=noise))
     # a different model gives different samples, so the equality above is not vacuous
     assert not torch.allclose(make_teacher(seed=1).eval().sample(obs, noise=noise), model.sample(obs, noise=noise))
+
+
+def test_a_teacher_saved_with_the_dropped_ancestral_sampler_loads_as_euler(tmp_path):
+    """Files from before Euler became the only sampler name ``sampler`` three times; the weights stay."""
+    teacher = make_teacher()
+    spec = make_spec().replace(model_info={"n_steps": 4, "sampler": "ancestral", "execute_steps": 2})
+    path = save_checkpoint(tmp_path / "old.pt", teacher, "diffusion_teacher", spec,
+                           {"lr": 0.001, "sampler": "ancestral"})
+    payload = torch.load(path, weights_only=True)
+    payload["model_args"]["sampler"] = "ancestral"  # what the old constructor recorded
+    torch.save(payload, path)
+    with pytest.warns(UserWarning, match=r"sampler \['ancestral'\] is no longer offered; this teacher samples "
+                      r"with Euler"):
+        loaded = load_checkpoint(path)
+    assert "sampler" not in loaded.config and "sampler" not in loaded.spec.model_info
+    assert loaded.spec.model_info == {"n_steps": 4, "execute_steps": 2}
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
 
 
 def test_interrupted_write_keeps_the_last_complete_checkpoint(tmp_path, monkeypatch):

@@ -104,7 +104,7 @@ def test_render_corrupt_dataset(tmp_path, capsys):
     bad.write_bytes(b"not a dataset at all")
     code, _, err = run_cli(capsys, "render", "--dataset", str(bad), "--out", str(tmp_path / "render.png"))
     assert code == 2
-    assert_one_line_error(err, "bad.npz", "not a readable .npz file")
+    assert_one_line_error(err, "bad.npz", "file: expected a readable .npz archive")
     assert os.listdir(tmp_path) == ["bad.npz"]
 
 
@@ -115,7 +115,7 @@ def test_render_dataset_with_missing_key(tmp_path, capsys, demos_file):
     np.savez(broken, **arrays)
     code, _, err = run_cli(capsys, "render", "--dataset", str(broken), "--out", str(tmp_path / "render.png"))
     assert code == 2
-    assert_one_line_error(err, "missing keys ['actions']")
+    assert_one_line_error(err, "keys: expected all of", "missing ['actions']")
     assert os.listdir(tmp_path) == ["broken.npz"]
 
 

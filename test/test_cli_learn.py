@@ -19,6 +19,9 @@ TINY_DISTILL = ["--set", "iterations=6", "--set", "n_experts=2", "--set", "sampl
 TINY_EM = ["--set", "iterations=4", "--set", "n_experts=2", "--set", "backbone.hidden=32",
            "--set", "backbone.mlp_layers=2", "--set", "horizon=4", "--set", "execute_steps=2",
            "--set", "observation_fields=[joint_position]", "--quiet"]
+# the same run with the per-field flags --help lists
+TINY_EM_FLAGS = ["--iterations", "4", "--n-experts", "2", "--backbone.hidden", "32", "--backbone.mlp-layers", "2",
+                 "--horizon", "4", "--execute-steps", "2", "--observation-fields", "[joint_position]", "--quiet"]
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +104,9 @@ def test_impossible_config_is_refused_before_any_work(tmp_path, demos, capsys):
     assert not out.exists()
     assert vdd("train-teacher", "--out", out, "--set", "learning_rate=0.1", "--quiet") == 2
     assert "unknown fields ['learning_rate']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # Euler is the only sampler: the option is gone
+        vdd("eval", "--teacher", out, "--sampler", "ancestral")
+    assert "unrecognized arguments: --sampler" in capsys.readouterr().err
     assert vdd("train-teacher", "--out", out, "--set", "backbone.hidden=-4", "--quiet") == 2
     assert "hidden" in capsys.readouterr().err
     assert vdd("distill", "--teacher", tmp_path / "missing.pt", "--out", out, "--quiet") == 2
@@ -121,6 +127,33 @@ def test_teacher_for_another_spec_is_refused_naming_the_difference(tmp_path, dem
     error = capsys.readouterr().err
     assert "control_rate_hz: this=50.0 other=20.0" in error
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_default_output_is_a_new_run_folder_and_shipped_models_need_the_option(tmp_path, demos, capsys,
+                                                                             monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = tmp_path / "package" / "models" / "em.pt"
+    monkeypatch.setattr("vdd_ros.paths.model_file", lambda name: tmp_path / "package" / "models" / name)
+    capsys.readouterr()
+    assert vdd("train-em", "--dataset", demos, *TINY_EM_FLAGS) == 0
+    written = list((tmp_path / "runs").glob("train-em-*/em.pt"))
+    assert len(written) == 1 and not shipped.exists()
+    assert f"writing {written[0].relative_to(tmp_path)}" in capsys.readouterr().out
+    flags = load_checkpoint(written[0])
+    assert (flags.config["iterations"], flags.config["n_experts"], flags.config["backbone"]["hidden"],
+            flags.config["horizon"]) == (4, 2, 32, 4)
+    # --set and the flags build the same run: the same weights
+    assert vdd("train-em", "--dataset", demos, "--out", tmp_path / "set.pt", *TINY_EM) == 0
+    with_set = load_checkpoint(tmp_path / "set.pt")
+    assert with_set.config == flags.config
+    for key, value in with_set.model.state_dict().items():
+        assert torch.equal(value, flags.model.state_dict()[key]), key
+
+    assert vdd("train-em", "--dataset", demos, "--replace-shipped", *TINY_EM) == 0
+    assert shipped.is_file() and len(list((tmp_path / "runs").glob("*"))) == 1
+    capsys.readouterr()
+    assert vdd("train-em", "--out", tmp_path / "x.pt", "--replace-shipped", *TINY_EM) == 2
+    assert "--out and --replace-shipped: expected one of them" in capsys.readouterr().err
 
 
 def test_overrides_parse_nested_yaml_values():

@@ -5,8 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from vdd_ros.data.dataset import REQUIRED_KEYS, DemoDataset
+from vdd_ros.data.dataset import REQUIRED_KEYS, DatasetError, DemoDataset
 from vdd_ros.tasks.arm_avoid import task_spec
+from vdd_ros.tasks.registry import load_dataset
+from vdd_ros.validation import FieldError
 
 SPEC = task_spec(1, 1)
 
@@ -55,8 +57,10 @@ def test_windows_of_history_and_horizon_one_are_the_raw_steps():
 
 
 def test_windows_reject_bad_sizes():
-    with pytest.raises(ValueError, match="history/horizon"):
+    with pytest.raises(FieldError, match="history: expected an integer >= 1, got 0"):
         small_dataset().windows(0, 2)
+    with pytest.raises(FieldError, match="horizon: expected an integer >= 1, got 0"):
+        small_dataset().windows(2, 0)
 
 
 def test_minibatches_cover_every_window_once():
@@ -93,8 +97,9 @@ def test_episode_accessors():
 def test_constructor_rejects_inconsistent_arrays(change, field):
     data = dict(observations=np.zeros((5, 6)), actions=np.zeros((5, 3)), episode_ends=np.array([3, 5]), spec=SPEC)
     data.update(change)
-    with pytest.raises(ValueError, match=f"dataset: {field}"):
+    with pytest.raises(DatasetError, match=f"dataset: {field}: expected ") as info:
         DemoDataset(**data)
+    assert info.value.field_name == field
 
 
 # --- save / load --------------------------------------------------------------------------------------------
@@ -126,11 +131,11 @@ def test_load_missing_file(tmp_path):
 def test_load_corrupt_file(tmp_path):
     path = tmp_path / "corrupt.npz"
     path.write_bytes(b"PK\x03\x04 this is not a zip archive" * 10)
-    with pytest.raises(ValueError, match="not a readable .npz file"):
+    with pytest.raises(DatasetError, match="file: expected a readable .npz archive"):
         DemoDataset.load(str(path))
     text = tmp_path / "text.npz"
     text.write_text("hello")
-    with pytest.raises(ValueError, match="not a readable .npz file"):
+    with pytest.raises(DatasetError, match="file: expected a readable .npz archive"):
         DemoDataset.load(str(text))
 
 
@@ -139,28 +144,29 @@ def test_load_truncated_file(tmp_path):
     data = open(good, "rb").read()
     cut = tmp_path / "cut.npz"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="not a readable .npz file"):
+    with pytest.raises(DatasetError, match="file: expected a readable .npz archive"):
         DemoDataset.load(str(cut))
 
 
 def test_load_single_array_file(tmp_path):
     path = tmp_path / "array.npy"
     np.save(path, np.zeros(3))
-    with pytest.raises(ValueError, match="expected an .npz archive"):
+    with pytest.raises(DatasetError, match="file: expected an .npz archive"):
         DemoDataset.load(str(path))
 
 
 @pytest.mark.parametrize("key", REQUIRED_KEYS)
 def test_load_missing_key(tmp_path, key):
     path = write_npz(tmp_path / "d.npz", **{key: None})
-    with pytest.raises(ValueError, match=rf"missing keys \['{key}'\]"):
+    with pytest.raises(DatasetError, match=rf"keys: expected all of .*, got \"missing \['{key}'\]\""):
         DemoDataset.load(path)
 
 
 @pytest.mark.parametrize("change,message", [
     (dict(observations=np.zeros((5, 5))), r"observations: expected shape \[N, 6\]"),
     (dict(actions=np.zeros((5, 4))), r"actions: expected shape \[N, 3\]"),
-    (dict(actions=np.zeros((6, 3))), "actions: expected 5 rows"),
+    (dict(actions=np.zeros((6, 3))), "actions: expected 5 rows .*, got 6"),
+    (dict(actions=np.full((5, 3), np.inf)), "actions: expected finite numbers, got inf"),
     (dict(episode_ends=np.array([3, 6])), "episode_ends: expected the last end to be 5"),
     (dict(episode_ends=np.array([3.0, 5.0])), "episode_ends: expected a 1-d integer array"),
     (dict(routes=np.array([[4, -1]])), "routes: expected a 1-d integer array"),
@@ -168,11 +174,13 @@ def test_load_missing_key(tmp_path, key):
     (dict(observations=np.array([["a"] * 6] * 5)), "observations: expected numbers"),
     (dict(task=np.array(3)), "task: expected a text scalar"),
     (dict(spec_json=np.array(["{}", "{}"])), "spec_json: expected a text scalar"),
-    (dict(spec_json=np.array("{broken")), "spec_json: spec field 'spec': expected valid JSON"),
+    (dict(spec_json=np.array("{broken")), "spec_json.spec: expected valid JSON"),
+    (dict(spec_json=np.array(SPEC.replace(history=3).to_json().replace('"history": 3', '"history": 0'))),
+     "spec_json.history: expected an integer >= 1, got 0"),
 ])
 def test_load_rejects_bad_contents(tmp_path, change, message):
     path = write_npz(tmp_path / "d.npz", **change)
-    with pytest.raises(ValueError, match=message) as info:
+    with pytest.raises(DatasetError, match=message) as info:
         DemoDataset.load(path)
     assert str(info.value).startswith(f"dataset {path}: ")
     assert "\n" not in str(info.value)
@@ -184,22 +192,33 @@ def test_load_rejects_other_task(tmp_path):
         DemoDataset.load(path, expected_task="gmm2d")
 
 
-def test_load_rejects_spec_that_disagrees_with_the_task(tmp_path):
+def test_loading_by_task_rejects_a_spec_that_disagrees_with_the_task(tmp_path):
     spec = SPEC.replace(control_rate_hz=10.0, joint_upper=(9.0, 9.0, 9.0))
     path = write_npz(tmp_path / "d.npz", spec_json=np.array(spec.to_json()))
-    with pytest.raises(ValueError) as info:
-        DemoDataset.load(path)
+    assert DemoDataset.load(path).spec == spec  # the data layer checks the file against itself only
+    with pytest.raises(DatasetError) as info:
+        load_dataset(path)
     message = str(info.value)
-    assert "spec disagrees with task 'arm_avoid'" in message
+    assert message.startswith(f"dataset {path}: spec: expected the interface of task 'arm_avoid', got ")
     assert "control_rate_hz: dataset=10.0 task=20.0" in message
     assert "joint_upper: dataset=[9.0, 9.0, 9.0]" in message
+    assert "\n" not in message
+    with pytest.raises(DatasetError, match="task: expected 'gmm2d', got 'arm_avoid'"):
+        load_dataset(path, expected_task="gmm2d")
+
+
+def test_loading_by_task_returns_a_matching_dataset(tmp_path):
+    path = small_dataset().save(str(tmp_path / "d.npz"))
+    loaded = load_dataset(path, expected_task="arm_avoid")
+    assert loaded.spec == SPEC and loaded.n_episodes == 2
 
 
 def test_dataset_of_an_unknown_task_loads_with_its_own_spec(tmp_path):
     spec = SPEC.replace(task="my_robot", control_rate_hz=10.0)
     path = write_npz(tmp_path / "d.npz", spec_json=np.array(spec.to_json()), task=np.array("my_robot"))
-    loaded = DemoDataset.load(path)
-    assert loaded.task == "my_robot" and loaded.spec.control_rate_hz == 10.0
+    for load in (DemoDataset.load, load_dataset):
+        loaded = load(path)
+        assert loaded.task == "my_robot" and loaded.spec.control_rate_hz == 10.0
 
 
 def test_saved_file_is_compressed(tmp_path):

@@ -14,8 +14,15 @@ from vdd_ros.learn.checkpoint import save_checkpoint
 from vdd_ros.learn.diffusion import DiffusionTeacher
 from vdd_ros.learn.moe import MixtureOfExpertsPolicy
 from vdd_ros.runtime import load_denoiser, load_policy
-from vdd_ros.runtime.format import (EXPORT_FORMAT_VERSION, GRAPH_INPUTS, GRAPH_OUTPUTS, META_FORMAT, META_ROLE,
-                                    META_SPEC, OPSET)
+from vdd_ros.runtime.format import (
+    EXPORT_FORMAT_VERSION,
+    GRAPH_INPUTS,
+    GRAPH_OUTPUTS,
+    META_FORMAT,
+    META_ROLE,
+    META_SPEC,
+    OPSET,
+)
 from vdd_ros.spec import ModelSpec, Normalization, ObservationField
 
 HISTORY, HORIZON, JOINTS, EXPERTS = 2, 4, 3, 4
@@ -153,6 +160,7 @@ def teacher_files(tmp_path_factory):
     """A 4-step teacher exported through `vdd export` with --steps 3 (sampler + denoiser), plus its
     default-step sampler through the API."""
     import argparse
+
     from vdd_ros.cli import export as export_cli
 
     folder = tmp_path_factory.mktemp("teacher")
@@ -179,7 +187,7 @@ def test_teacher_sampler_matches_torch_sampler_and_honours_steps(teacher_files, 
         assert info["n_steps"] == steps and info["trained_n_steps"] == 4 and info["graph_role"] == "teacher_sampler"
         ort_actions = policy._session.run(["actions"], {"obs": windows.astype(np.float32),
                                                         "noise": noise.reshape(8, HORIZON, JOINTS)})[0]
-        torch_actions = teacher.sample(flat, n_steps=steps, sampler="euler", noise=torch.from_numpy(noise))
+        torch_actions = teacher.sample(flat, n_steps=steps, noise=torch.from_numpy(noise))  # the Euler sampler
         expected = spec.denormalize_action(torch_actions.numpy().reshape(8, HORIZON, JOINTS).astype(np.float64))
         np.testing.assert_allclose(ort_actions, expected, atol=export.TEACHER_TOLERANCE)
         detailed = policy.act_detailed(windows[0], np.random.default_rng(0))

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from vdd_ros.tasks.gmm2d import GaussianMixture, StateConditionalGaussianMixture, plot_density
 from vdd_ros.learn.teacher_protocol import AnalyticTeacher, ScoreTeacher
+from vdd_ros.tasks.gmm2d import GaussianMixture, StateConditionalGaussianMixture, plot_density
 
 
 def finite_difference_gradient(function, x, step=1e-5):

@@ -147,7 +147,8 @@ RUN_LAUNCH = textwrap.dedent("""
 """)
 
 
-def test_launch_runs_student_teacher_and_sim(tmp_path):
+@pytest.mark.slow
+def test_launch_runs_student_teacher_and_sim(tmp_path, domain_id):
     reason = _launch_available()
     if reason:
         print(f"skipped: {reason}")
@@ -160,7 +161,7 @@ def test_launch_runs_student_teacher_and_sim(tmp_path):
     teacher = share_dir() / "models" / "teacher.onnx"
     if not (model.is_file() and teacher.is_file()):
         pytest.skip("models/student.onnx and models/teacher.onnx are not shipped yet")
-    domain = int(os.environ["ROS_DOMAIN_ID"]) % 100 + 1
+    domain = domain_id
     env = dict(os.environ, ROS_DOMAIN_ID=str(domain))
     log = open(tmp_path / "launch.log", "w")
     process = subprocess.Popen([sys.executable, "-c", RUN_LAUNCH, str(LAUNCH_FILE), "with_teacher:=true",

@@ -105,16 +105,16 @@ def test_initialisation_grid_in_2d_uniform_otherwise_and_init_std():
     assert means.abs().max() <= 2.0 and means.std() > 0.5  # spread, not all at the origin
 
 
-def test_mean_init_weight_std_makes_the_initial_means_state_dependent():
+def test_experts_start_state_independent_and_old_hyperparameters_still_rebuild():
     obs = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
-    still = MixtureOfExpertsPolicy(3, 1, 4, 6, SMALL_MLP, "diagonal", generator=torch.Generator().manual_seed(1))
-    moving = MixtureOfExpertsPolicy(3, 1, 4, 6, SMALL_MLP, "diagonal", generator=torch.Generator().manual_seed(1),
-                                    mean_init_weight_std=0.5)
+    model = MixtureOfExpertsPolicy(3, 1, 4, 6, SMALL_MLP, "diagonal", generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        still_means, moving_means = still.components(obs)[1], moving.components(obs)[1]
-    assert float(still_means.std(0).max()) < 1e-6  # the default: every expert the same at every state
-    # unit-norm features: each expert's offset varies across states with a std of about 0.5
-    assert 0.2 < float(moving_means.std(0).mean()) < 0.8
+        means = model.components(obs)[1]
+    assert float(means.std(0).max()) < 1e-6  # every expert the same at every state
+    # files written before mean_init_weight_std was dropped still name it: it is ignored
+    old = dict(model.hyperparameters, mean_init_weight_std=0.0)
+    rebuilt = MixtureOfExpertsPolicy.from_hyperparameters(old)
+    assert rebuilt.hyperparameters == model.hyperparameters
 
 
 def test_transformer_attention_is_causal():
@@ -150,7 +150,7 @@ def test_bad_backbone_config_is_refused(bad, field):
 @pytest.mark.parametrize("bad, field", [
     (dict(n_experts=0), "n_experts"), (dict(covariance="dense"), "covariance"), (dict(gating="argmax"), "gating"),
     (dict(min_std=0.0), "min_std"), (dict(init_std=1e-5), "init_std"),
-    (dict(mean_init_spread=-1.0), "mean_init_spread"), (dict(mean_init_weight_std=-0.1), "mean_init_weight_std"),
+    (dict(mean_init_spread=-1.0), "mean_init_spread"),
     (dict(gating_hidden=-1), "gating_hidden"), (dict(gating_layers=1.5), "gating_layers"),
 ])
 def test_bad_policy_arguments_are_refused(bad, field):

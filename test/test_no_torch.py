@@ -5,14 +5,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-import torch
-
-from vdd_ros.learn import export
-from vdd_ros.learn.backbones import BackboneConfig
-from vdd_ros.learn.moe import MixtureOfExpertsPolicy
-from vdd_ros.spec import ModelSpec, Normalization, ObservationField
-
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh interpreter: a meta-path finder makes torch (and the export-only onnx
@@ -48,26 +40,13 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def student_file(tmp_path_factory):
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    spec = ModelSpec(joint_names=("a", "b"), joint_lower=(-1.0, -1.0), joint_upper=(1.0, 1.0),
-                     joint_velocity_limits=(1.0, 1.0), observation_fields=(ObservationField("q", "joint_position", 2),),
-                     history=2, action_kind="joint_position", action_horizon=2, control_rate_hz=10.0,
-                     normalization=Normalization.identity(2, 2), model_kind="vdd_mixture")
-    model = MixtureOfExpertsPolicy(2, 2, 4, 2, backbone=BackboneConfig(hidden=8, mlp_layers=1)).eval()
-    return export.export_student(model, spec, tmp_path_factory.mktemp("no_torch") / "student.onnx").path
-
-
-def test_runtime_and_ros_modules_work_without_torch(student_file):
+def test_runtime_and_ros_modules_work_without_torch(tiny_models):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(student_file)], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_models.student)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ACTED vdd_mixture CPUExecutionProvider" in result.stdout
     ros_line = next(line for line in result.stdout.splitlines() if line.startswith("ROS_MODULES"))
-    if ros_line == "ROS_MODULES -":
-        print("vdd_ros/ros has no modules yet: only the runtime was checked without torch")
-    else:
-        assert "policy_node" in ros_line  # the node that loads models must be among the checked modules
+    checked = set(ros_line.split(" ", 1)[1].split(","))
+    # every node module, the one that loads models among them, imported with torch blocked
+    assert {"policy_node", "arm_sim_node", "observation", "processes"} <= checked, ros_line

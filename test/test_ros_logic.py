@@ -1,12 +1,17 @@
-"""Pure logic of the ROS nodes (no rclpy): joint matching, history, chunk execution, expert hold, validation."""
+"""Logic of the ROS nodes, in this process: joint matching, history, chunk execution, expert hold, validation."""
 import math
 
 import numpy as np
 import pytest
 
 from vdd_ros.ros.command_executor import ChunkExecutor, ExpertHold
-from vdd_ros.ros.observation import (ObservationAssembler, ObservationError, ObservationHistory, match_joints,
-                                     spec_mismatches)
+from vdd_ros.ros.observation import (
+    ObservationAssembler,
+    ObservationError,
+    ObservationHistory,
+    match_joints,
+    spec_mismatches,
+)
 from vdd_ros.spec import ObservationField
 from vdd_ros.tasks import arm_avoid
 
@@ -43,11 +48,11 @@ def test_frame_reorders_joints_into_spec_order():
 
 
 @pytest.mark.parametrize("names, positions, velocities, message", [
-    (["joint_1", "joint_2", "joint_3"], [0.0, 1.0], [0.0, 0.0, 0.0], "position has 2 entries but JointState.name has 3"),
+    (list(JOINTS), [0.0, 1.0], [0.0, 0.0, 0.0], "position has 2 entries but JointState.name has 3"),
     (["joint_1", "joint_2", "joint_3"], [0.0, 1.0, 2.0], [0.0], "velocity has 1 entries"),
     (["joint_1", "joint_2", "joint_3"], [0.0, 1.0, 2.0], [], "velocity is empty"),
-    (["joint_1", "joint_2", "joint_3"], [0.0, math.nan, 2.0], [0.0] * 3, r"position is not finite for joints \['joint_2'\]"),
-    (["joint_1", "joint_2", "joint_3"], [0.0, 1.0, 2.0], [0.0, 0.0, math.inf], r"velocity is not finite for joints \['joint_3'\]"),
+    (list(JOINTS), [0.0, math.nan, 2.0], [0.0] * 3, r"position is not finite for joints \['joint_2'\]"),
+    (list(JOINTS), [0.0, 1.0, 2.0], [0.0, 0.0, math.inf], r"velocity is not finite for joints \['joint_3'\]"),
     (["joint_1", "joint_2"], [0.0, 1.0], [0.0, 0.0], r"lacks joints \['joint_3'\]"),
 ])
 def test_bad_joint_states_are_refused_and_keep_the_previous_value(names, positions, velocities, message):
@@ -96,22 +101,43 @@ def test_history_pads_with_the_first_frame_like_offline_rollouts():
         history.push([1.0, 2.0, 3.0])
 
 
+class _EnoughError(Exception):
+    pass
+
+
+def first_windows_of_rollout(n_episodes: int, history: int, calls: int) -> list[np.ndarray]:
+    """The observation windows ``tasks.arm_avoid.rollout`` hands its policy in its first ``calls`` calls."""
+    seen = []
+    policy = arm_avoid.ScriptedPolicy(horizon=4, execute_steps=1)
+
+    def recording(windows):
+        seen.append(windows.copy())
+        if len(seen) == calls:
+            raise _EnoughError
+        return policy(windows)
+
+    recording.start_batch = policy.start_batch
+    with pytest.raises(_EnoughError):
+        arm_avoid.rollout(recording, n_episodes, seed=4, history=history, execute_steps=1, batch_size=n_episodes)
+    return seen
+
+
 def test_history_window_matches_offline_rollout_window():
-    """The node's window equals the one tasks.arm_avoid.rollout builds at every control step."""
+    """Fed the frames of a real offline rollout, the node's history gives the window rollout gave its policy."""
     h = 3
-    frames = [np.full(6, float(i)) for i in range(5)]
-    history = ObservationHistory(h, 6)
-    for t, frame in enumerate(frames):
-        history.push(frame)
-        offline = np.stack([frames[:t + 1][max(t + 1 - h + k, 0)] for k in range(h)])
-        np.testing.assert_array_equal(history.window(), offline)
+    windows = first_windows_of_rollout(1, h, calls=5)
+    history = ObservationHistory(h, windows[0].shape[-1])
+    for window in windows:
+        history.push(window[0, -1])  # the newest frame of rollout's window
+        np.testing.assert_array_equal(history.window(), window[0])
+    assert not np.array_equal(windows[0][0, 0], windows[-1][0, 0])  # the window moved: padding alone is not it
 
 
 # --- chunk execution ----------------------------------------------------------------------
 def test_chunk_executor_replans_every_n_ticks():
     executor = ChunkExecutor(horizon=4, replan_every=2)
     plans, actions = 0, []
-    for tick in range(6):
+    for _ in range(6):
         if executor.needs_plan:
             plans += 1
             executor.load(np.arange(4)[:, None] * np.ones((1, 3)) + 10 * plans)
@@ -127,14 +153,14 @@ def test_chunk_executor_remaining_and_errors():
         executor.next_action()
     with pytest.raises(ValueError, match=r"expected shape \[3, n_joints\], got \[2, 3\]"):
         executor.load(np.zeros((2, 3)))
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="action chunk: expected finite numbers"):
         executor.load(np.full((3, 3), np.nan))
     executor.load(np.arange(9.0).reshape(3, 3))
     executor.next_action()
     np.testing.assert_array_equal(executor.remaining(), [[3, 4, 5], [6, 7, 8]])
     executor.clear()
     assert executor.needs_plan
-    with pytest.raises(ValueError, match=r"replan_every: expected 1..3"):
+    with pytest.raises(ValueError, match=r"replan_every: expected an integer in \[1, 3\], got 4"):
         ChunkExecutor(horizon=3, replan_every=4)
 
 
@@ -197,14 +223,29 @@ def test_spec_mismatches_name_both_sides():
 
 
 # --- offline start poses ----------------------------------------------------------------
-def test_sim_node_start_poses_match_offline_rollout_starts():
-    """arm_sim_node draws one start per episode from one generator; rollout draws them all at once."""
-    n, seed = 5, 3
-    offline = arm_avoid.ArmSim(batch=1).sample_start(np.random.default_rng(seed), n)
-    rng = np.random.default_rng(seed)
-    sim = arm_avoid.ArmSim(batch=1)
-    one_by_one = np.concatenate([sim.sample_start(rng, 1) for _ in range(n)])
-    np.testing.assert_array_equal(one_by_one, offline)
+def test_sim_node_start_poses_match_offline_rollout_starts(domain_id):
+    """arm_sim_node draws one start per episode from its seed; rollout draws the starts of a batch at once:
+    the node's episodes start where rollout's episodes with the same seed start."""
+    rclpy = pytest.importorskip("rclpy")
+    from rclpy.context import Context
+    from rclpy.parameter import Parameter
+
+    from vdd_ros.ros.arm_sim_node import ArmSimNode
+
+    n, seed = 5, 4
+    offline = first_windows_of_rollout(n, 1, calls=1)[0][:, -1, :len(JOINTS)]  # each episode's first frame
+    context = Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    try:
+        node = ArmSimNode("start_pose_test", context=context, parameter_overrides=[Parameter("seed", value=seed)])
+        starts = [node.start_q.copy()]
+        for _ in range(n - 1):
+            node._begin_episode()
+            starts.append(node.start_q.copy())
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)
+    np.testing.assert_array_equal(np.array(starts), offline)
 
 
 def test_throttled_warnings_log_each_key_once_per_period():

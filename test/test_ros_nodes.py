@@ -1,8 +1,6 @@
 """Real nodes in separate processes over DDS (localhost only): the simulated arm driven by the policy node,
 bad input, and configure-time refusals."""
-import itertools
 import math
-import os
 import time
 
 import numpy as np
@@ -10,14 +8,14 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
-from std_srvs.srv import Trigger  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
+from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 from rclpy.context import Context  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Float64MultiArray  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
 
 from vdd_ros.paths import config_file, model_file  # noqa: E402
 from vdd_ros.ros.episode_monitor import EpisodeMonitor, offline_rollout, summarize_results  # noqa: E402
@@ -26,53 +24,6 @@ from vdd_ros.runtime import load_policy  # noqa: E402
 from vdd_ros.tasks import arm_avoid  # noqa: E402
 
 JOINTS = list(arm_avoid.JOINT_NAMES)
-_domains = itertools.count()
-
-
-@pytest.fixture
-def domain_id():
-    """A ROS domain of its own for each test (apart from other test runs by the pytest pid)."""
-    return (int(os.environ["ROS_DOMAIN_ID"]) + 7 * next(_domains)) % 100 + 1
-
-
-def train_tiny_student(path, steps=1500, seed=0):
-    """A small mixture cloned from the scripted demonstrations (winner-takes-all), exported to ONNX."""
-    import torch
-    from vdd_ros.learn.backbones import BackboneConfig
-    from vdd_ros.learn.export import export_student
-    from vdd_ros.learn.moe import MixtureOfExpertsPolicy
-    from vdd_ros.learn.pipeline import load_demonstrations, prepare_training_data
-
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)
-    data = prepare_training_data(load_demonstrations(episodes=160, dataset_seed=seed), 2, 8, "em_mixture")
-    spec = data.spec.replace(model_info={"execute_steps": 4})
-    model = MixtureOfExpertsPolicy(spec.obs_step_dim, 2, spec.act_dim, 4, BackboneConfig(hidden=128, mlp_layers=2),
-                                   covariance="diagonal", mean_init_spread=0.5)
-    obs, act = torch.from_numpy(data.observations), torch.from_numpy(data.actions)
-    optimiser = torch.optim.Adam(model.parameters(), 3e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        rows = torch.randint(0, len(obs), (256,), generator=generator)
-        features = model.features(obs[rows])
-        errors = (model.expert_means(features) - act[rows][:, None]).pow(2).mean(-1)
-        best = errors.argmin(-1)
-        loss = errors.gather(1, best[:, None]).mean() + 0.1 * torch.nn.functional.cross_entropy(
-            model.gating_logits(obs[rows], features), best)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    export_student(model, spec, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    """The shipped student, or (before it is shipped) a tiny one trained here."""
-    shipped = model_file("student.onnx")
-    if shipped.is_file():
-        return shipped
-    return train_tiny_student(tmp_path_factory.mktemp("models") / "student.onnx")
 
 
 class Probe:
@@ -180,13 +131,14 @@ def compare_with_offline(results, model):
     return ros, offline, agree
 
 
-def test_sim_in_lockstep_scores_exactly_like_offline_rollouts(tmp_path, domain_id, student):
+@pytest.mark.slow
+def test_sim_in_lockstep_scores_exactly_like_offline_rollouts(tmp_path, domain_id, arm_student):
     """Lockstep (one control period per command) removes ROS timing: same starts, same greedy policy,
     so every episode ends as its offline twin and the end-effector paths agree to float precision."""
     n = 20
-    results = run_episodes_over_ros(tmp_path, domain_id, student, n, {"lockstep": True},
+    results = run_episodes_over_ros(tmp_path, domain_id, arm_student, n, {"lockstep": True},
                                     {"expert_selection": "greedy", "trigger": "observation"}, timeout=120)
-    ros, offline, agree = compare_with_offline(results, student)
+    ros, offline, agree = compare_with_offline(results, arm_student)
     assert abs(ros["success_rate"] - offline.success_rate) <= 0.05
     assert agree == 1.0
     for result, offline_path in zip(results, offline.ee_paths):
@@ -196,7 +148,8 @@ def test_sim_in_lockstep_scores_exactly_like_offline_rollouts(tmp_path, domain_i
         assert result["duration_s"] == pytest.approx((len(offline_path) - 1) / arm_avoid.PHYSICS_RATE_HZ, abs=1e-6)
 
 
-def test_sim_in_real_time_scores_like_offline_rollouts(tmp_path, domain_id, student):
+@pytest.mark.slow
+def test_sim_in_real_time_scores_like_offline_rollouts(tmp_path, domain_id, arm_student):
     """Real time, as on a robot: the timer-driven policy node at 20 Hz, the sim at 200 Hz. Commands now land
     a few milliseconds after the observation they answer (offline: at once), which can tip an episode that
     grazes an obstacle; the lockstep test above pins the exact equality."""
@@ -204,20 +157,20 @@ def test_sim_in_real_time_scores_like_offline_rollouts(tmp_path, domain_id, stud
         pytest.skip("needs the shipped models/student.onnx: the tiny stand-in is too unstable for timing "
                     "differences to leave its outcomes unchanged")
     n = 20
-    results = run_episodes_over_ros(tmp_path, domain_id, student, n, {}, {"expert_selection": "greedy"},
+    results = run_episodes_over_ros(tmp_path, domain_id, arm_student, n, {}, {"expert_selection": "greedy"},
                                     timeout=240)
-    ros, offline, agree = compare_with_offline(results, student)
+    ros, offline, agree = compare_with_offline(results, arm_student)
     # measured: 20 of 20 episodes alike (0.65 vs 0.65); in another run 11 of 12 (0.58 vs 0.67)
     assert abs(ros["success_rate"] - offline.success_rate) <= 0.10 + 1e-9
     assert agree >= 0.85
 
 
-def test_joint_trajectory_output_drives_the_sim(tmp_path, domain_id, student):
+def test_joint_trajectory_output_drives_the_sim(tmp_path, domain_id, arm_student):
     """The chunk as a JointTrajectory (joint_trajectory_controller input): the sim follows it in time."""
     n = 2
-    results = run_episodes_over_ros(tmp_path, domain_id, student, n, {},
+    results = run_episodes_over_ros(tmp_path, domain_id, arm_student, n, {},
                                     {"expert_selection": "greedy", "output": "joint_trajectory"}, timeout=90)
-    offline = offline_greedy(student, n, SEED)
+    offline = offline_greedy(arm_student, n, SEED)
     for result, offline_path in zip(results, offline.ee_paths):
         ros_path = np.asarray(result["ee_path"])
         # the first control periods follow the same targets as offline (timing decides later ones)
@@ -249,9 +202,9 @@ def test_first_episode_waits_for_the_asked_number_of_joint_state_subscribers(tmp
 
 
 # --- bad input over DDS ----------------------------------------------------------------------------------
-def test_bad_joint_states_give_no_command_and_the_node_stays_up(tmp_path, domain_id, student):
+def test_bad_joint_states_give_no_command_and_the_node_stays_up(tmp_path, domain_id, arm_student):
     probe = Probe(domain_id)
-    policy = start_policy(tmp_path, domain_id, "policy_node", model=str(student))
+    policy = start_policy(tmp_path, domain_id, "policy_node", model=str(arm_student))
     try:
         assert policy.wait_for_log("active: commanding", timeout=60), policy.log()
         probe.spin(1.0)  # discovery
@@ -275,7 +228,7 @@ def test_bad_joint_states_give_no_command_and_the_node_stays_up(tmp_path, domain
         # diagnostics (1 Hz) count what was refused and say what runs
         probe.spin(1.2, probe.joint_state(JOINTS, q, zeros))
         status = {kv.key: kv.value for kv in probe.diagnostics[-1].values}
-        assert status["model_kind"] == load_policy(student).kind and status["provider"] == "CPUExecutionProvider"
+        assert status["model_kind"] == load_policy(arm_student).kind and status["provider"] == "CPUExecutionProvider"
         assert int(status["invalid_inputs"]) >= 4 * 10 and int(status["commands_sent"]) >= 5
         assert float(status["inference_p50_ms"]) > 0 and float(status["observation_age_s"]) < 0.5
         assert probe.call(Trigger, "/policy_node/reset", Trigger.Request()).success
@@ -303,16 +256,16 @@ def test_bad_joint_states_give_no_command_and_the_node_stays_up(tmp_path, domain
     assert code == 0
 
 
-def test_configure_refuses_a_mismatching_or_missing_model(tmp_path, domain_id, student):
+def test_configure_refuses_a_mismatching_or_missing_model(tmp_path, domain_id, arm_student):
     probe = Probe(domain_id)
     refusals = {
-        "wrong_joints": ({"model": str(student), "joint_names": ["joint_1", "joint_2", "wrist"]},
+        "wrong_joints": ({"model": str(arm_student), "joint_names": ["joint_1", "joint_2", "wrist"]},
                          "joint_names: parameter ['joint_1', 'joint_2', 'wrist'] != model spec "
                          "['joint_1', 'joint_2', 'joint_3']"),
-        "wrong_rate": ({"model": str(student), "control_rate_hz": 50.0},
+        "wrong_rate": ({"model": str(arm_student), "control_rate_hz": 50.0},
                        "control_rate_hz: parameter 50.0 != model spec 20.0"),
         "missing_model": ({"model": str(tmp_path / "nowhere.onnx")}, "cannot load model"),
-        "bad_choice": ({"model": str(student), "output": "torques"},
+        "bad_choice": ({"model": str(arm_student), "output": "torques"},
                        "parameter output: expected one of ['commands', 'joint_trajectory'], got 'torques'"),
     }
     nodes = {name: start_policy(tmp_path, domain_id, name, **params) for name, (params, _) in refusals.items()}
@@ -331,27 +284,8 @@ def test_configure_refuses_a_mismatching_or_missing_model(tmp_path, domain_id, s
 
 
 # --- vdd demo -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """The shipped teacher, or (before it is shipped) an untrained small one: enough for the plumbing."""
-    shipped = model_file("teacher.onnx")
-    if shipped.is_file():
-        return shipped
-    import torch
-    from vdd_ros.learn.backbones import BackboneConfig
-    from vdd_ros.learn.diffusion import TeacherConfig, build_teacher
-    from vdd_ros.learn.export import export_teacher_sampler
-
-    torch.manual_seed(0)
-    spec = arm_avoid.task_spec(2, 8, model_kind="diffusion_teacher").replace(model_info={"execute_steps": 4})
-    model = build_teacher(TeacherConfig(backbone=BackboneConfig(hidden=64, mlp_layers=2)), spec.obs_step_dim,
-                          spec.act_dim)
-    path = tmp_path_factory.mktemp("models") / "teacher.onnx"
-    export_teacher_sampler(model, spec, path)
-    return path
-
-
-def test_vdd_demo_runs_student_and_shadow_teacher_and_reports(tmp_path, domain_id, student, teacher, capsys):
+@pytest.mark.slow
+def test_vdd_demo_runs_student_and_shadow_teacher_and_reports(tmp_path, domain_id, arm_student, arm_teacher, capsys):
     import argparse
     import json
 
@@ -359,7 +293,7 @@ def test_vdd_demo_runs_student_and_shadow_teacher_and_reports(tmp_path, domain_i
 
     parser = argparse.ArgumentParser()
     demo.register(parser.add_subparsers())
-    args = parser.parse_args(["demo", "--student", str(student), "--teacher", str(teacher), "--episodes", "3",
+    args = parser.parse_args(["demo", "--student", str(arm_student), "--teacher", str(arm_teacher), "--episodes", "3",
                               "--offline-episodes", "6", "--lockstep", "--out-dir", str(tmp_path / "demo"),
                               "--domain-id", str(domain_id), "--timeout", "120"])
     assert args.func(args) == 0

@@ -13,12 +13,12 @@ from vdd_ros.ros.policy_node import PolicyNode  # noqa: E402
 
 
 @pytest.fixture
-def make_node():
+def make_node(domain_id):
     made = []
 
     def make(**parameters):
         context = Context()
-        rclpy.init(context=context)
+        rclpy.init(context=context, domain_id=domain_id)
         overrides = [Parameter("model", value=str(model_file("student.onnx"))), Parameter("device", value="cpu")]
         overrides += [Parameter(name, value=value) for name, value in parameters.items()]
         node = PolicyNode("realtime_test", context=context, parameter_overrides=overrides)
@@ -72,8 +72,9 @@ def test_lock_memory_locks_while_active(make_node):
 
 
 def spin_for(node, seconds):
-    from rclpy.executors import SingleThreadedExecutor
     import time
+
+    from rclpy.executors import SingleThreadedExecutor
 
     executor = SingleThreadedExecutor(context=node.context)
     executor.add_node(node)
@@ -117,10 +118,10 @@ def test_bench_node_refuses_bad_priorities_before_starting_anything(argv, messag
         node_bench.run(parser.parse_args(argv + ["--seconds", "1"]))
 
 
-def test_destroying_an_active_node_unfreezes_the_heap():
+def test_destroying_an_active_node_unfreezes_the_heap(domain_id):
     gc.unfreeze()
     context = Context()
-    rclpy.init(context=context)
+    rclpy.init(context=context, domain_id=domain_id)
     try:
         node = PolicyNode("realtime_destroy", context=context, parameter_overrides=[Parameter("device", value="cpu")])
         node.start()

@@ -5,48 +5,29 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import TensorProto, helper
 
-from vdd_ros.learn import export
-from vdd_ros.learn.backbones import BackboneConfig
-from vdd_ros.learn.diffusion import DiffusionTeacher
-from vdd_ros.learn.moe import MixtureOfExpertsPolicy
-from vdd_ros.runtime import (DeviceError, InputError, ModelLoadError, ModelNotFoundError, PolicyError, load_denoiser,
-                             load_policy)
+from vdd_ros.runtime import (
+    DeviceError,
+    InputError,
+    ModelLoadError,
+    ModelNotFoundError,
+    PolicyError,
+    load_denoiser,
+    load_policy,
+)
 from vdd_ros.runtime.format import META_FORMAT
-from vdd_ros.spec import ModelSpec, Normalization, ObservationField
+from vdd_ros.validation import FieldError
 
-HISTORY, HORIZON, JOINTS, EXPERTS = 2, 3, 2, 3
-torch.set_num_threads(1)
-
-
-def spec_for(model_kind: str) -> ModelSpec:
-    return ModelSpec(
-        joint_names=("shoulder", "elbow"), joint_lower=(-2.0, -2.0), joint_upper=(2.0, 2.0),
-        joint_velocity_limits=(1.0, 1.0),
-        observation_fields=(ObservationField("joint_position", "joint_position", 2),
-                            ObservationField("goal", "vector", 3, topic="goal", msg_type="std_msgs/Float64MultiArray")),
-        history=HISTORY, action_kind="joint_position", action_horizon=HORIZON, control_rate_hz=10.0,
-        normalization=Normalization((0.0, 0.5, 1.0, -1.0, 0.0), (1.0, 2.0, 0.5, 1.0, 3.0), (0.2, -0.1), (0.5, 1.5)),
-        model_kind=model_kind)
+HISTORY, HORIZON, JOINTS, EXPERTS = 2, 3, 2, 3  # the sizes of conftest's tiny_models (checked in files)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("runtime")
-    torch.manual_seed(0)
-    student = MixtureOfExpertsPolicy(5, HISTORY, HORIZON * JOINTS, EXPERTS,
-                                     backbone=BackboneConfig(hidden=16, mlp_layers=1))
-    with torch.no_grad():
-        for param in student.parameters():
-            param.add_(0.3 * torch.randn_like(param))
-    export.export_student(student.eval(), spec_for("vdd_mixture"), folder / "student.onnx")
-    teacher = DiffusionTeacher(5, HISTORY, HORIZON * JOINTS, backbone={"hidden": 16, "mlp_layers": 1},
-                               n_steps=2).eval()
-    export.export_teacher_sampler(teacher, spec_for("diffusion_teacher"), folder / "teacher.onnx")
-    export.export_teacher_denoiser(teacher, spec_for("diffusion_teacher"), folder / "denoiser.onnx")
-    return folder
+def files(tiny_models):
+    """The folder of the shared tiny exports: student.onnx, teacher.onnx, denoiser.onnx."""
+    sizes = (tiny_models.history, tiny_models.horizon, tiny_models.joints, tiny_models.experts)
+    assert sizes == (HISTORY, HORIZON, JOINTS, EXPERTS) and tiny_models.obs_step_dim == 5
+    return tiny_models.folder
 
 
 def window(seed: int = 0) -> np.ndarray:
@@ -81,8 +62,9 @@ def test_cuda_request_without_cuda_is_a_clear_error(files):
         load_policy(files / "student.onnx", device="cuda:1")
     with pytest.raises(DeviceError, match="'gpu'"):
         load_policy(files / "student.onnx", device="gpu")
-    with pytest.raises(ModelLoadError, match="intra_op_threads"):
+    with pytest.raises(ModelLoadError, match="^intra_op_threads: expected an integer >= 1, got 0$") as info:
         load_policy(files / "student.onnx", intra_op_threads=0)
+    assert isinstance(info.value, FieldError) and info.value.field_name == "intra_op_threads"
 
 
 def test_bad_files_give_one_line_errors(files, tmp_path):
@@ -176,8 +158,9 @@ def test_noise_scale_adds_noise_only_when_positive(files):
     policy.noise_scale = 0.5
     noisy = policy.act_detailed(window(), np.random.default_rng(0), expert=0)
     assert np.abs(noisy.actions - noisy.expert_means[0]).max() > 1e-4
-    with pytest.raises(InputError, match="noise_scale"):
+    with pytest.raises(InputError, match="^noise_scale: expected a finite number >= 0, got -1.0$") as info:
         policy.noise_scale = -1.0
+    assert isinstance(info.value, FieldError)
     with pytest.raises(InputError, match="teacher"):
         load_policy(files / "teacher.onnx", device="cpu", noise_scale=0.1)
 

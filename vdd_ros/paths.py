@@ -17,7 +17,7 @@ def share_dir() -> Path:
     if (checkout / "package.xml").is_file() and (checkout / "config").is_dir():
         return checkout
     try:
-        from ament_index_python.packages import get_package_share_directory, PackageNotFoundError
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
     except ImportError:
         PackageNotFoundError = LookupError  # noqa: N806 - stands in for the missing class
         get_package_share_directory = None

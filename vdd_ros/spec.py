@@ -13,11 +13,12 @@ Shapes used everywhere:
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
+
+from vdd_ros.validation import FieldError, check_choice, check_float, check_int, finite_vector
 
 FORMAT_VERSION = 1
 MODEL_KINDS = ("diffusion_teacher", "vdd_mixture", "em_mixture", "none")
@@ -26,25 +27,16 @@ OBSERVATION_KINDS = ("joint_position", "joint_velocity", "vector")
 VECTOR_MSG_TYPES = ("std_msgs/Float64MultiArray", "geometry_msgs/PointStamped", "geometry_msgs/PoseStamped")
 
 
-class SpecError(ValueError):
-    """A spec field holds a value it must not hold."""
+class SpecError(FieldError):
+    """A spec field holds a value it must not hold: ``spec field '<name>': expected ..., got ...``."""
 
     def __init__(self, field_name: str, expected: str, actual: Any):
-        self.field_name = field_name
-        self.expected = expected
-        self.actual = actual
-        super().__init__(f"spec field '{field_name}': expected {expected}, got {actual!r}")
+        super().__init__(field_name, expected, actual)
+        self.args = (f"spec field '{field_name}': expected {expected}, got {actual!r}",)
 
 
-def _finite_vector(name: str, values, size: int, positive: bool = False) -> tuple[float, ...]:
-    arr = np.asarray(values, dtype=np.float64).reshape(-1)
-    if arr.size != size:
-        raise SpecError(name, f"{size} numbers", f"{arr.size} numbers")
-    if not np.all(np.isfinite(arr)):
-        raise SpecError(name, "finite numbers", [float(v) for v in arr])
-    if positive and np.any(arr <= 0):
-        raise SpecError(name, "numbers > 0", [float(v) for v in arr])
-    return tuple(float(v) for v in arr)
+def _vector(name: str, values, size: int, positive: bool = False) -> tuple[float, ...]:
+    return finite_vector(name, values, size, positive=positive, error=SpecError)
 
 
 @dataclass(frozen=True)
@@ -68,7 +60,7 @@ class ObservationField:
                 "joints": list(self.joints), "topic": self.topic, "msg_type": self.msg_type}
 
     @staticmethod
-    def from_dict(data: dict, where: str) -> "ObservationField":
+    def from_dict(data: dict, where: str) -> ObservationField:
         if not isinstance(data, dict):
             raise SpecError(where, "an object", data)
         known = {f.name for f in fields(ObservationField)}
@@ -97,11 +89,11 @@ class Normalization:
     act_std: tuple[float, ...]
 
     @staticmethod
-    def identity(obs_step_dim: int, n_joints: int) -> "Normalization":
+    def identity(obs_step_dim: int, n_joints: int) -> Normalization:
         return Normalization((0.0,) * obs_step_dim, (1.0,) * obs_step_dim, (0.0,) * n_joints, (1.0,) * n_joints)
 
     @staticmethod
-    def fit(observations: np.ndarray, actions: np.ndarray, min_std: float = 1e-3) -> "Normalization":
+    def fit(observations: np.ndarray, actions: np.ndarray, min_std: float = 1e-3) -> Normalization:
         """Statistics of frames ``[N, obs_step_dim]`` and actions ``[M, n_joints]``."""
         obs = np.asarray(observations, dtype=np.float64)
         act = np.asarray(actions, dtype=np.float64)
@@ -127,6 +119,8 @@ class ModelSpec:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
+        for name in ("history", "action_horizon"):  # numpy integers become ints (the spec is written as JSON)
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1, error=SpecError))
         self.validate()
 
     # --- derived sizes -------------------------------------------------------------
@@ -150,10 +144,8 @@ class ModelSpec:
     def validate(self) -> None:
         if self.format_version != FORMAT_VERSION:
             raise SpecError("format_version", f"{FORMAT_VERSION}", self.format_version)
-        if self.model_kind not in MODEL_KINDS:
-            raise SpecError("model_kind", f"one of {list(MODEL_KINDS)}", self.model_kind)
-        if self.action_kind not in ACTION_KINDS:
-            raise SpecError("action_kind", f"one of {list(ACTION_KINDS)}", self.action_kind)
+        check_choice("model_kind", self.model_kind, MODEL_KINDS, error=SpecError)
+        check_choice("action_kind", self.action_kind, ACTION_KINDS, error=SpecError)
         if not self.joint_names:
             raise SpecError("joint_names", "at least one joint name", list(self.joint_names))
         seen = set()
@@ -164,18 +156,14 @@ class ModelSpec:
                 raise SpecError("joint_names", "unique names", f"'{name}' appears twice")
             seen.add(name)
         n = self.n_joints
-        lower = _finite_vector("joint_lower", self.joint_lower, n)
-        upper = _finite_vector("joint_upper", self.joint_upper, n)
+        lower = _vector("joint_lower", self.joint_lower, n)
+        upper = _vector("joint_upper", self.joint_upper, n)
         if any(lo >= up for lo, up in zip(lower, upper)):
             raise SpecError("joint_upper", f"each above joint_lower {list(lower)}", list(upper))
-        _finite_vector("joint_velocity_limits", self.joint_velocity_limits, n, positive=True)
-        if not isinstance(self.history, int) or self.history < 1:
-            raise SpecError("history", "an integer >= 1", self.history)
-        if not isinstance(self.action_horizon, int) or self.action_horizon < 1:
-            raise SpecError("action_horizon", "an integer >= 1", self.action_horizon)
-        if not (isinstance(self.control_rate_hz, (int, float)) and math.isfinite(self.control_rate_hz)
-                and self.control_rate_hz > 0):
-            raise SpecError("control_rate_hz", "a finite number > 0", self.control_rate_hz)
+        _vector("joint_velocity_limits", self.joint_velocity_limits, n, positive=True)
+        check_int("history", self.history, 1, error=SpecError)
+        check_int("action_horizon", self.action_horizon, 1, error=SpecError)
+        check_float("control_rate_hz", self.control_rate_hz, 0, strict_low=True, error=SpecError)
         if not self.observation_fields:
             raise SpecError("observation_fields", "at least one field", [])
         names = set()
@@ -184,15 +172,12 @@ class ModelSpec:
             if obs_field.name in names:
                 raise SpecError(f"{where}.name", "unique field names", obs_field.name)
             names.add(obs_field.name)
-            if obs_field.kind not in OBSERVATION_KINDS:
-                raise SpecError(f"{where}.kind", f"one of {list(OBSERVATION_KINDS)}", obs_field.kind)
+            check_choice(f"{where}.kind", obs_field.kind, OBSERVATION_KINDS, error=SpecError)
             if obs_field.kind == "vector":
-                if obs_field.size < 1:
-                    raise SpecError(f"{where}.size", "an integer >= 1", obs_field.size)
+                check_int(f"{where}.size", obs_field.size, 1, error=SpecError)
                 if not obs_field.topic:
                     raise SpecError(f"{where}.topic", "a topic name for a vector observation", obs_field.topic)
-                if obs_field.msg_type not in VECTOR_MSG_TYPES:
-                    raise SpecError(f"{where}.msg_type", f"one of {list(VECTOR_MSG_TYPES)}", obs_field.msg_type)
+                check_choice(f"{where}.msg_type", obs_field.msg_type, VECTOR_MSG_TYPES, error=SpecError)
             else:
                 unknown = [j for j in obs_field.joints if j not in seen]
                 if unknown:
@@ -203,10 +188,10 @@ class ModelSpec:
         norm = self.normalization
         if not isinstance(norm, Normalization):
             raise SpecError("normalization", "a Normalization", type(norm).__name__)
-        _finite_vector("normalization.obs_mean", norm.obs_mean, self.obs_step_dim)
-        _finite_vector("normalization.obs_std", norm.obs_std, self.obs_step_dim, positive=True)
-        _finite_vector("normalization.act_mean", norm.act_mean, n)
-        _finite_vector("normalization.act_std", norm.act_std, n, positive=True)
+        _vector("normalization.obs_mean", norm.obs_mean, self.obs_step_dim)
+        _vector("normalization.obs_std", norm.obs_std, self.obs_step_dim, positive=True)
+        _vector("normalization.act_mean", norm.act_mean, n)
+        _vector("normalization.act_std", norm.act_std, n, positive=True)
         try:
             json.dumps(self.model_info)
         except TypeError as err:
@@ -242,7 +227,7 @@ class ModelSpec:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True, allow_nan=False)
 
     @staticmethod
-    def from_dict(data: dict) -> "ModelSpec":
+    def from_dict(data: dict) -> ModelSpec:
         if not isinstance(data, dict):
             raise SpecError("spec", "a JSON object", type(data).__name__)
         known = {f.name for f in fields(ModelSpec)}
@@ -266,12 +251,6 @@ class ModelSpec:
         if not isinstance(fields_data, list):
             raise SpecError("observation_fields", "a list", fields_data)
 
-        def as_int(name):
-            value = data[name]
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise SpecError(name, "an integer", value)
-            return value
-
         return ModelSpec(
             joint_names=tuple(data["joint_names"]),
             joint_lower=tuple(data["joint_lower"]),
@@ -279,9 +258,9 @@ class ModelSpec:
             joint_velocity_limits=tuple(data["joint_velocity_limits"]),
             observation_fields=tuple(ObservationField.from_dict(f, f"observation_fields[{i}]")
                                      for i, f in enumerate(fields_data)),
-            history=as_int("history"),
+            history=check_int("history", data["history"], error=SpecError),
             action_kind=data["action_kind"],
-            action_horizon=as_int("action_horizon"),
+            action_horizon=check_int("action_horizon", data["action_horizon"], error=SpecError),
             control_rate_hz=float(data["control_rate_hz"]),
             normalization=Normalization(**{k: tuple(float(x) for x in v) for k, v in norm.items()}),
             model_kind=data.get("model_kind", "none"),
@@ -291,20 +270,20 @@ class ModelSpec:
         )
 
     @staticmethod
-    def from_json(text: str) -> "ModelSpec":
+    def from_json(text: str) -> ModelSpec:
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, TypeError) as err:
             raise SpecError("spec", "valid JSON", str(err)) from None
         return ModelSpec.from_dict(data)
 
-    def replace(self, **changes) -> "ModelSpec":
+    def replace(self, **changes) -> ModelSpec:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data.update(changes)
         return ModelSpec(**data)
 
     # --- comparison ----------------------------------------------------------------
-    def interface_differences(self, other: "ModelSpec") -> list[str]:
+    def interface_differences(self, other: ModelSpec) -> list[str]:
         """Differences that make two specs incompatible for the same robot interface.
 
         Compares what a deployment or a checkpoint depends on (joints, limits, observation

@@ -7,15 +7,14 @@ load on a shared machine hits every model alike and the teacher/student ratio st
 from __future__ import annotations
 
 import importlib.util
-import json
 import multiprocessing
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-from vdd_ros.files import new_file_mode, save_figure
+from vdd_ros.files import save_figure, write_json
+from vdd_ros.ros.node_bench import describe_machine, machine_line
 
 ROUNDS = 20  # the calls of each model are spread over this many interleaved rounds
 
@@ -57,7 +56,7 @@ def register(subparsers) -> None:
     runtime.add_argument("--seed", type=int, default=0, help="seed of the observations and noise (default: 0)")
     runtime.set_defaults(func=run_runtime)
 
-    from vdd_ros.ros import node_bench  # rclpy is imported inside run(), not here
+    from vdd_ros.ros import node_bench  # rclpy is imported inside run(), not here (as in describe_machine)
 
     node = benches.add_parser("node", help="the policy node at a high control rate (deadline misses)",
                               description=node_bench.__doc__)
@@ -175,22 +174,10 @@ def plot(latencies: dict, path: str, title: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("latency per act() call [us] (log scale)")
     ax.set_ylabel("calls")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
-
-
-def _write_json(path: str, payload: dict) -> None:
-    handle, tmp_name = tempfile.mkstemp(prefix=".bench.", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(payload, out, indent=2)
-        os.chmod(tmp_name, new_file_mode())
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def run_runtime(args) -> int:
@@ -206,6 +193,7 @@ def run_runtime(args) -> int:
     for option, value in (("--json", args.json), ("--plot", args.plot)):
         if value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
             raise UserError(f"{option}: folder of '{value}' does not exist")
+    machine = describe_machine()  # the load average before the benchmark itself loads the machine
     student_path = Path(args.student) if args.student else model_file("student.onnx")
     if not student_path.is_file():
         raise FileNotFoundError(f"student {student_path}: no such file (pass --student, or export one: "
@@ -259,21 +247,21 @@ def run_runtime(args) -> int:
             policies[f"teacher {teacher.network_evaluations}-step"] = teacher
         latencies = measure(policies, args.calls, args.warmup, args.seed)
     rows = summarise(policies, latencies, student_label)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {student.provider}, " \
-              f"{args.threads} intra-op thread(s)"
-    print(f"\nper-call latency of Policy.act ({machine}; {rows[0]['calls']} calls each)")
+    setup = f"{student.provider}, {args.threads} intra-op thread(s)"
+    print(f"\nper-call latency of Policy.act ({rows[0]['calls']} calls each; {setup})")
+    print(machine_line(machine))
     print_table(rows)
     student_row = rows[0]
-    print(f"\nstudent p50 {student_row['p50_us']:.1f} us (target <= 50 us: "
-          f"{'met' if student_row['p50_us'] <= 50 else 'MISSED'})")
     teacher16 = next((r for r in rows if r["kind"] == "diffusion_teacher" and r["network_evaluations"] == 16), None)
+    line = f"\nstudent p50 {student_row['p50_us']:.1f} us ({student_row['calls_per_s']:.0f} calls/s)"
     if teacher16 is not None:
-        print(f"16-step teacher / student (p50): {teacher16['p50_vs_student']:.1f}x (target >= 20x: "
-              f"{'met' if teacher16['p50_vs_student'] >= 20 else 'MISSED'})")
+        line += f"; 16-step teacher p50 {teacher16['p50_us']:.1f} us = {teacher16['p50_vs_student']:.1f}x the student"
+    print(line)
     if args.json:
-        _write_json(args.json, {"machine": machine, "calls": args.calls, "warmup": args.warmup, "rows": rows})
+        write_json(args.json, {"machine": machine, "setup": setup, "calls": args.calls, "warmup": args.warmup,
+                               "rows": rows})
         print(f"wrote {args.json}")
     if args.plot:
-        plot(latencies, args.plot, f"vdd_ros runtime latency ({machine})")
+        plot(latencies, args.plot, f"vdd_ros runtime latency ({setup})\n{machine_line(machine)}")
         print(f"wrote {args.plot}")
     return 0

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -112,7 +111,7 @@ def offline_evaluation(model: Path, episodes: int, seed: int, greedy: bool) -> d
         policy.act(window, rng, greedy=greedy)
         times.append(time.perf_counter() - started)
     return {"kind": policy.kind, "metrics": result.to_dict(), "latency_s": times,
-            "ee_paths": result.ee_paths, "routes": result.routes}
+            "ee_paths": result.ee_paths, "routes": result.routes, "collisions": [bool(c) for c in result.collision]}
 
 
 def _command_gap(driver_commands, shadow_commands, max_lag_s: float = 0.025) -> float | None:
@@ -135,7 +134,10 @@ def _switches(experts: list[int]) -> int:
 
 
 def run(args) -> int:
+    import numpy as np
+
     from vdd_ros.cli.main import UserError
+    from vdd_ros.files import write_json
     from vdd_ros.paths import config_file, model_file
 
     if args.episodes < 1 or args.offline_episodes < 1:
@@ -244,10 +246,17 @@ def run(args) -> int:
         "command_gap_rad": gap, "exit_codes": codes,
     }
     json_path = out_dir / "demo.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, json_path)
-    plot_path = _plot(out_dir / "demo.png", monitor, offline, roles, args)
+    write_json(json_path, summary)
+    results = sorted(monitor.results, key=lambda r: r["episode"])
+    panels = [(f"{args.driver} over ROS ({len(results)} episodes)", [np.asarray(r["ee_path"]) for r in results],
+               [r["route"] for r in results], [bool(r["collision"]) for r in results])]
+    panels += [(f"{role} offline ({args.offline_episodes} episodes)", offline[role]["ee_paths"],
+                offline[role]["routes"], offline[role]["collisions"]) for role in roles]
+    latencies = {f"{role} over ROS": monitor.latencies[role] for role in roles}
+    latencies.update({f"{role} offline": offline[role]["latency_s"] for role in roles})
+    plot_path = plot_demo(out_dir / "demo.png", panels, latencies,
+                          f"vdd demo: arm_avoid over ROS 2 ({args.driver} drives) vs offline rollouts, "
+                          f"seed {args.seed}")
     print(f"vdd demo: {json_path}, {plot_path}; node logs in {out_dir / 'logs'}")
     if any(codes):
         raise UserError(f"a node did not shut down cleanly (exit statuses {codes}); see {out_dir / 'logs'}")
@@ -264,25 +273,85 @@ def _print_table(rows) -> None:
     print("-" * len(header))
     for label, metrics, latency in rows:
         metrics = metrics or {}
+        entropy = fmt(metrics.get('entropy'), '{:.2f}').replace('-0.00', '0.00')
         print(f"{label:28}{fmt(metrics.get('success_rate'), '{:.2f}'):>8}"
-              f"{fmt(metrics.get('collision_rate'), '{:.2f}'):>8}{fmt(metrics.get('entropy'), '{:.2f}').replace('-0.00', '0.00'):>8}"
+              f"{fmt(metrics.get('collision_rate'), '{:.2f}'):>8}{entropy:>8}"
               f"{fmt(metrics.get('routes_covered'), '{:d}'):>7}{fmt(metrics.get('mean_time_to_finish_s'), '{:.2f}'):>9}"
               f"{fmt(latency['p50_ms'], '{:.3f}'):>9}{fmt(latency['p99_ms'], '{:.3f}'):>9}{latency['calls']:>7}")
 
 
-def _plot(path: Path, monitor, offline, roles, args) -> Path:
+def plot_demo(path: Path, panels, latencies: dict, title: str) -> Path:
+    """The demo figure: one workspace panel per run, a legend for routes and failures, and the latency CDFs.
+
+    ``panels``: [(title, ee_paths, routes, collisions)], a route None where the episode failed;
+    ``latencies``: label -> seconds per plan, labels "<role> over ROS" (solid) or "<role> offline" (dashed).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
+    from vdd_ros.files import save_figure
     from vdd_ros.tasks import arm_avoid
 
-    results = sorted(monitor.results, key=lambda r: r["episode"])
-    panels = {f"{args.driver} over ROS ({len(results)} episodes)":
-              ([np.asarray(r["ee_path"]) for r in results], [r["route"] for r in results])}
-    for role in roles:
-        panels[f"{role} offline ({args.offline_episodes} episodes)"] = (offline[role]["ee_paths"],
-                                                                        offline[role]["routes"])
-    arm_avoid.plot_rollouts(panels, str(path), title="vdd demo: arm_avoid over ROS 2 vs offline")
+    colors = arm_avoid.route_colors()
+    fig = plt.figure(figsize=(5.0 * len(panels), 9.6), layout="constrained")
+    grid = fig.add_gridspec(2, len(panels), height_ratios=(1.35, 1.0))
+    for column, (label, ee_paths, routes, collisions) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, column])
+        arm_avoid.draw_workspace(ax)
+        for ee_path, route, collided in zip(ee_paths, routes, collisions):
+            ee_path = np.asarray(ee_path)
+            if route is not None:
+                ax.plot(ee_path[:, 0], ee_path[:, 1], color=colors[route], lw=0.8, alpha=0.7, zorder=3)
+                continue
+            # black dashed: no route colour (tab20 has reds) reads as a failure
+            ax.plot(ee_path[:, 0], ee_path[:, 1], color="black", ls="--", lw=1.0, alpha=0.9, zorder=3)
+            ax.plot(ee_path[-1, 0], ee_path[-1, 1], "x" if collided else "o", color="red" if collided else "black",
+                    ms=7, mew=2, mfc="none", zorder=4)
+        ok = [r for r in routes if r is not None]
+        ax.set_title(f"{label}\n{len(ok)}/{len(routes)} success, {sum(collisions)} collided, "
+                     f"{len(set(ok))}/{arm_avoid.N_ROUTES} routes, entropy {arm_avoid.behaviour_entropy(ok):.2f}",
+                     fontsize=9)
+
+    ax = fig.add_subplot(grid[1, : max(1, len(panels) - 1)])
+    role_colors = {}
+    for label, seconds in latencies.items():
+        values = np.sort(np.asarray(seconds, dtype=float)) * 1e3
+        if values.size == 0:
+            continue
+        role = label.split(" ")[0]
+        color = role_colors.setdefault(role, f"C{len(role_colors)}")
+        ax.step(values, np.arange(1, values.size + 1) / values.size, where="post", color=color,
+                ls="--" if label.endswith("offline") else "-", lw=1.6,
+                label=f"{label}: p50 {np.percentile(values, 50):.2f} ms, p99 {np.percentile(values, 99):.2f} ms "
+                f"({values.size} calls)")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("plan latency, one model call [ms] (log scale)")
+    ax.set_ylabel("fraction of calls (CDF)")
+    ax.set_title("plan latency: over ROS as the node calls it (solid), back-to-back offline calls (dashed)",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False)
+
+    legend_ax = fig.add_subplot(grid[1, -1]) if len(panels) > 1 else None
+    handles = [Patch(color=colors[route], label=f"route {route}") for route in range(arm_avoid.N_ROUTES)]
+    handles += [Line2D([], [], color="black", ls="--", lw=1.0, label="failed episode"),
+                Line2D([], [], color="red", marker="x", ls="none", ms=7, mew=2, label="collision (end point)"),
+                Line2D([], [], color="black", marker="o", mfc="none", ls="none", ms=7, mew=2,
+                       label="time-out (end point)"),
+                Line2D([], [], color="green", ls="--", lw=2, label="finish line"),
+                Line2D([], [], color="black", marker="o", ls="none", ms=8, label="obstacle (grey: EE radius)")]
+    if legend_ax is not None:
+        legend_ax.axis("off")
+        legend_ax.legend(handles=handles, ncol=2, fontsize=8, loc="center", frameon=False,
+                         title="end-effector paths: colour = route through the obstacle rows", title_fontsize=8)
+    else:
+        ax.legend(handles=handles, ncol=3, fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=11)
+    save_figure(fig, path, dpi=110)
     return path

@@ -1,21 +1,38 @@
 """``vdd train-teacher``, ``vdd distill``, ``vdd train-em`` and ``vdd eval``.
 
-Every run reads a YAML config (``config/teacher.yaml``, ``config/distill.yaml``, ``config/em.yaml``)
-whose fields can each be overridden with ``--set key=value`` (repeatable; nested fields with a
-dot, e.g. ``--set backbone.hidden=128``; values are parsed as YAML). The whole config is
-validated before any work starts. Checkpoints hold the spec (with the fitted normalisation)
-and the config, and are written atomically, periodically during training.
+A training run starts from its config dataclass's defaults (``TeacherConfig``, ``VDDConfig``,
+``EMConfig`` in ``vdd_ros.learn.configs``: the shipped models' recipe, which ``config/*.yaml``
+write out), then applies, in this order: ``--config FILE`` (a YAML file of fields to change),
+``--set key=value`` (repeatable; nested fields with a dot, values parsed as YAML) and the
+per-field flags (``--iterations 6000``, ``--backbone.hidden 128``) that ``--help`` lists with
+type, default and meaning. The whole config is validated before any work starts.
+
+Outputs: a fresh run folder ``runs/<command>-<YYYYmmdd-HHMMSS>/<teacher|student|em>.pt`` by
+default, ``--out FILE``, or ``--replace-shipped`` for the package's ``models/<name>.pt``.
+Checkpoints hold the spec (with the fitted normalisation) and the config, and are written
+atomically, periodically during training.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-# keys of distill.yaml / em.yaml that choose the data rather than the learner
-DATA_KEYS = ("dataset", "episodes", "dataset_seed")
-DEFAULT_OUT = {"teacher": "models/teacher.pt", "student": "models/student.pt", "em": "models/em.pt"}
+from vdd_ros.learn.configs import ConfigBase, EMConfig, TeacherConfig, VDDConfig, render_yaml, yaml_value
+
+RUNS_FOLDER = "runs"
+# command -> (config class, YAML file that writes out its defaults, checkpoint name, header of that file)
+COMMANDS = {
+    "train-teacher": (TeacherConfig, "teacher.yaml", "teacher",
+                      "vdd train-teacher: the EDM/BESO-style diffusion teacher on the built-in arm task."),
+    "distill": (VDDConfig, "distill.yaml", "student",
+                "vdd distill: Variational Diffusion Distillation of a teacher into a mixture of experts."),
+    "train-em": (EMConfig, "em.yaml", "em",
+                 "vdd train-em: the EM mixture-of-experts baseline, fitted directly to the demonstrations."),
+}
 
 
 # --- config handling ------------------------------------------------------------------
@@ -32,14 +49,17 @@ def parse_overrides(items: list[str] | None) -> dict:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as err:
             raise ValueError(f"--set {key}: value '{text}' is not valid YAML ({str(err).splitlines()[0]})") from None
-        parts = key.strip().split(".")
-        target = result
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise ValueError(f"--set {key}: '{part}' is set both as a value and as a section")
-        target[parts[-1]] = value
+        _put(result, key.strip(), value, f"--set {key}")
     return result
+
+
+def _put(target: dict, dotted: str, value, source: str) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"{source}: '{part}' is set both as a value and as a section")
+    target[parts[-1]] = value
 
 
 def merge(base: dict, changes: dict) -> dict:
@@ -52,14 +72,10 @@ def merge(base: dict, changes: dict) -> dict:
     return merged
 
 
-def load_config(path: str | None, default_name: str, overrides: list[str] | None) -> tuple[dict, str]:
-    """The config file (or the package's ``config/<default_name>``) with ``--set`` overrides applied."""
+def read_config_file(path: str) -> dict:
+    """The fields a YAML config file sets (any subset of the config's fields)."""
     import yaml
 
-    if path is None:
-        from vdd_ros.paths import config_file
-
-        path = str(config_file(default_name))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config {path}: no such file")
     with open(path, encoding="utf-8") as handle:
@@ -69,55 +85,98 @@ def load_config(path: str | None, default_name: str, overrides: list[str] | None
             raise ValueError(f"config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config {path}: expected a mapping of field: value, got {type(data).__name__}")
-    return merge(data, parse_overrides(overrides)), path
+    return data
 
 
-def dataclass_config(cls, data: dict, source: str):
-    """Build and validate ``cls`` (a config dataclass with an optional ``backbone`` field) from a dict."""
-    from dataclasses import fields
+def _flag_dest(name: str) -> str:
+    return "field:" + name
 
-    from vdd_ros.learn.backbones import BackboneConfig
 
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{source}: unknown fields {unknown}; {cls.__name__} has {sorted(known)}")
-    values = dict(data)
-    if isinstance(values.get("backbone"), dict):
-        values["backbone"] = BackboneConfig.from_dict(values["backbone"])
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[ConfigBase], yaml_name: str) -> None:
+    """One ``--<field>`` flag per field of ``cls`` (nested: ``--backbone.hidden``), help from the field."""
+    group = parser.add_argument_group(
+        f"config fields ({cls.__name__}; defaults = config/{yaml_name}; values are YAML, e.g. "
+        f"--observation-fields '[joint_position]')")
+    docs = cls.field_docs()
+    for doc in docs:
+        if any(other.name.startswith(doc.name + ".") for other in docs):
+            continue  # a section: its fields have flags of their own
+        dashed = "--" + doc.name.replace("_", "-")
+        help_text = f"{doc.help} (default: {yaml_value(doc.default)})".replace("%", "%%")
+        group.add_argument(dashed, dest=_flag_dest(doc.name), metavar=doc.type_name.replace(" ", "").upper(),
+                           default=argparse.SUPPRESS, help=help_text)
+        if "_" in doc.name:  # the YAML spelling works too
+            group.add_argument("--" + doc.name, dest=_flag_dest(doc.name), default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS)
+
+
+def flag_values(args, cls: type[ConfigBase]) -> dict:
+    """The per-field flags given on the command line, as a nested dict (text fields kept as typed)."""
+    import yaml
+
+    result: dict = {}
+    for doc in cls.field_docs():
+        dest = _flag_dest(doc.name)
+        if not hasattr(args, dest):
+            continue
+        text = getattr(args, dest)
+        if doc.type_name == "str":
+            value = text
+        else:
+            try:
+                value = yaml.safe_load(text) if text.strip() else ""
+            except yaml.YAMLError as err:
+                raise ValueError(f"--{doc.name}: value '{text}' is not valid YAML "
+                                 f"({str(err).splitlines()[0]})") from None
+        _put(result, doc.name, value, f"--{doc.name}")
+    return result
+
+
+def build_config(cls: type[ConfigBase], args):
+    """Defaults, then ``--config``, ``--set`` and the per-field flags; validated."""
+    data, source = {}, None
+    if args.config is not None:
+        data, source = read_config_file(args.config), f"config {args.config}"
+    data = merge(merge(data, parse_overrides(args.overrides)), flag_values(args, cls))
     try:
-        config = cls(**values)
-    except TypeError as err:
-        raise ValueError(f"{source}: {err}") from None
-    try:
-        return config.validate()
+        return cls.from_dict(data, cls.__name__)
     except ValueError as err:
-        raise ValueError(f"{source}: {err}") from None
+        raise ValueError(f"{source}: {err}" if source else str(err)) from None
 
 
-def split_data_keys(data: dict, defaults: dict) -> tuple[dict, dict]:
-    learner = {k: v for k, v in data.items() if k not in DATA_KEYS}
-    chosen = {k: data.get(k, defaults[k]) for k in DATA_KEYS}
-    if not isinstance(chosen["dataset"], str) and chosen["dataset"] is not None:
-        raise ValueError(f"dataset: expected a path string or empty, got {chosen['dataset']!r}")
-    chosen["dataset"] = chosen["dataset"] or ""
-    for key in ("episodes", "dataset_seed"):
-        value = chosen[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "episodes" else 0):
-            raise ValueError(f"{key}: expected an integer >= {1 if key == 'episodes' else 0}, got {value!r}")
-    return learner, chosen
+def output_path(args, command: str) -> Path:
+    """``--out``, ``--replace-shipped`` (the package's models/<name>.pt) or a new run folder."""
+    name = COMMANDS[command][2]
+    if args.out and args.replace_shipped:
+        raise ValueError(f"--out and --replace-shipped: expected one of them, got both ('{args.out}')")
+    if args.out:
+        return Path(args.out)
+    if args.replace_shipped:
+        from vdd_ros.paths import model_file
+
+        return model_file(f"{name}.pt")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, n = Path(RUNS_FOLDER) / f"{command}-{stamp}", 1
+    while folder.exists():  # two runs in the same second
+        n += 1
+        folder = Path(RUNS_FOLDER) / f"{command}-{stamp}-{n}"
+    return folder / f"{name}.pt"
 
 
-def _add_common(parser, default_config: str, out_key: str) -> None:
+def _add_common(parser, command: str) -> None:
+    cls, yaml_name, name, _ = COMMANDS[command]
     parser.add_argument("--config", default=None,
-                        help=f"YAML config file (default: the package's config/{default_config})")
+                        help=f"YAML file of config fields to change (config/{yaml_name} lists every field "
+                        "with its default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config field (repeatable; nested: backbone.hidden=128)")
-    parser.add_argument("--out", default=DEFAULT_OUT[out_key],
-                        help="checkpoint to write (default: %(default)s); periodic checkpoints replace it atomically")
-    parser.add_argument("--dataset", default=None,
-                        help="demonstration .npz file (default: the config's dataset, else generated demos)")
+                        help="change one config field (repeatable; nested: backbone.hidden=128; values are YAML)")
+    parser.add_argument("--out", default=None,
+                        help=f"checkpoint to write (default: a new {RUNS_FOLDER}/{command}-<YYYYmmdd-HHMMSS>/"
+                        f"{name}.pt); periodic checkpoints replace it atomically")
+    parser.add_argument("--replace-shipped", action="store_true",
+                        help=f"write the package's shipped models/{name}.pt instead of a run folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(parser, cls, yaml_name)
 
 
 def register(subparsers) -> None:
@@ -125,30 +184,32 @@ def register(subparsers) -> None:
         "train-teacher", help="train the diffusion-policy teacher on demonstrations",
         description="Train the EDM/BESO-style diffusion teacher on demonstrations (a .npz dataset or the "
         "built-in arm task's generated demos) and write a checkpoint with spec and config.")
-    _add_common(teacher, "teacher.yaml", "teacher")
+    _add_common(teacher, "train-teacher")
     teacher.set_defaults(func=run_train_teacher)
 
     distill = subparsers.add_parser(
         "distill", help="distil a teacher checkpoint into a mixture-of-experts student (VDD)",
         description="Variational Diffusion Distillation of a teacher checkpoint into a mixture of Gaussian "
-        "experts, on the states of the teacher's training data.")
+        "experts, on the states of the teacher's training data. The student reads the teacher's "
+        "observation window.")
     distill.add_argument("--teacher", default=None,
-                         help="teacher checkpoint (default: models/teacher.pt here, else the package's)")
-    _add_common(distill, "distill.yaml", "student")
+                         help="teacher checkpoint (default: models/teacher.pt here, else the package's shipped one)")
+    _add_common(distill, "distill")
     distill.set_defaults(func=run_distill)
 
     em = subparsers.add_parser(
         "train-em", help="train the EM mixture-of-experts baseline directly on demonstrations",
         description="Fit a mixture of Gaussian experts to demonstrations by expectation-maximisation "
         "(the baseline VDD is compared with).")
-    _add_common(em, "em.yaml", "em")
+    _add_common(em, "train-em")
     em.set_defaults(func=run_train_em)
 
     evaluate = subparsers.add_parser(
         "eval", help="roll out teacher/student/EM checkpoints on the built-in task and compare them",
         description="Closed-loop rollouts of any mix of checkpoints on the built-in arm task. Prints one "
         "table (success, route entropy, collisions, network evaluations and time per action), writes it "
-        "as JSON and the rollouts as a PNG (one panel per model, paths coloured by route).")
+        "as JSON and the rollouts as a PNG (one panel per model, paths coloured by route). The teacher "
+        "samples with Euler steps, as its exported ONNX graph does.")
     evaluate.add_argument("--teacher", help="diffusion teacher checkpoint")
     evaluate.add_argument("--student", help="VDD student checkpoint")
     evaluate.add_argument("--em", help="EM baseline checkpoint")
@@ -156,9 +217,7 @@ def register(subparsers) -> None:
     evaluate.add_argument("--seed", type=int, default=1000,
                           help="seed of the start states and of the policies' sampling (default: %(default)s)")
     evaluate.add_argument("--n-steps", type=int, default=None,
-                          help="teacher denoising steps (default: the teacher's n_steps)")
-    evaluate.add_argument("--sampler", choices=("euler", "ancestral"), default=None,
-                          help="teacher sampler (default: the teacher's)")
+                          help="teacher Euler steps (default: the teacher's n_steps)")
     evaluate.add_argument("--greedy", action="store_true",
                           help="mixtures take the most probable expert instead of sampling one")
     evaluate.add_argument("--execute-steps", type=int, default=None,
@@ -179,25 +238,18 @@ def _torch_setup():
     return torch
 
 
-def _existing_model(path: str | None, name: str) -> str:
+def _shipped_teacher(path: str | None) -> str:
     if path:
         return path
-    local = Path(DEFAULT_OUT[name])
+    local = Path("models") / "teacher.pt"
     if local.is_file():
         return str(local)
     from vdd_ros.paths import model_file
 
-    return str(model_file(f"{name}.pt"))
+    return str(model_file("teacher.pt"))
 
 
-def _dataset_for(path_option: str | None, data_keys: dict, progress: bool):
-    from vdd_ros.learn.pipeline import load_demonstrations
-
-    path = path_option if path_option is not None else data_keys["dataset"]
-    return load_demonstrations(path, data_keys["episodes"], data_keys["dataset_seed"], progress=progress), path
-
-
-def _save(path: str, model, kind: str, spec, config: dict, history: dict) -> None:
+def _save(path: Path, model, kind: str, spec, config: dict, history: dict) -> None:
     from vdd_ros.learn.checkpoint import save_checkpoint
 
     save_checkpoint(path, model, kind, spec, config, history)
@@ -213,12 +265,8 @@ def _jsonable(history: dict) -> dict:
 
 # --- train-teacher -------------------------------------------------------------------
 def run_train_teacher(args) -> int:
-    from vdd_ros.learn.diffusion import TeacherConfig
-
-    data, source = load_config(args.config, "teacher.yaml", args.overrides)
-    if args.dataset is not None:
-        data["dataset"] = args.dataset
-    config = dataclass_config(TeacherConfig, data, source)
+    config = build_config(TeacherConfig, args)
+    out = output_path(args, "train-teacher")
     _torch_setup()
     from vdd_ros.learn.diffusion import train_teacher
     from vdd_ros.learn.pipeline import action_reference, load_demonstrations, prepare_training_data
@@ -227,49 +275,45 @@ def run_train_teacher(args) -> int:
     training = prepare_training_data(dataset, config.history, config.horizon, "diffusion_teacher",
                                      observation_fields=config.observation_fields)
     reference = action_reference(training.spec, config.relative_to)
-    spec = training.spec.replace(model_info={"execute_steps": config.execute_steps, "n_steps": config.n_steps,
-                                             "sampler": config.sampler})
-    saved = {"config": config.to_dict()}
+    spec = training.spec.replace(model_info={"execute_steps": config.execute_steps, "n_steps": config.n_steps})
+    saved = config.to_dict()
+    print(f"vdd train-teacher: writing {out}", flush=True)
 
     def periodic(model, history):
-        _save(args.out, model, "diffusion_teacher", spec, saved["config"], _jsonable(history))
+        _save(out, model, "diffusion_teacher", spec, saved, _jsonable(history))
 
     started = time.perf_counter()
     model, history = train_teacher(training.observations, training.actions, config, progress=not args.quiet,
                                    on_checkpoint=periodic, action_reference=reference)
     seconds = time.perf_counter() - started
     history = dict(history, wall_time_s=seconds, samples=int(len(training.observations)))
-    _save(args.out, model, "diffusion_teacher", spec, saved["config"], _jsonable(history))
-    _summary(out=args.out, samples=len(training.observations), iterations=config.iterations,
+    _save(out, model, "diffusion_teacher", spec, saved, _jsonable(history))
+    _summary(out=out, samples=len(training.observations), iterations=config.iterations,
              final_loss=round(history["loss"][-1], 5), seconds=round(seconds, 1))
     return 0
 
 
 # --- distill ---------------------------------------------------------------------------
 def run_distill(args) -> int:
-    from vdd_ros.learn.vdd import VDDConfig
-
-    data, source = load_config(args.config, "distill.yaml", args.overrides)
-    checkpoint_every = data.pop("checkpoint_every", 0)
-    teacher_path = _existing_model(args.teacher, "teacher")
+    config = build_config(VDDConfig, args)
+    out = output_path(args, "distill")
+    teacher_path = _shipped_teacher(args.teacher)
     _torch_setup()
     from vdd_ros.learn.checkpoint import CheckpointError, load_checkpoint
-    from vdd_ros.learn.pipeline import field_columns, prepare_training_data
+    from vdd_ros.learn.pipeline import field_columns, load_demonstrations, prepare_training_data
     from vdd_ros.learn.vdd import distill
 
     teacher = load_checkpoint(teacher_path)
     if teacher.kind != "diffusion_teacher":
         raise ValueError(f"--teacher {teacher_path}: expected a diffusion_teacher checkpoint, got {teacher.kind}")
-    # the teacher's own data by default: same file, or the same generated demos (same seed)
-    defaults = {key: teacher.config.get(key, default) for key, default in
-                (("dataset", ""), ("episodes", 200), ("dataset_seed", 0))}
-    learner, data_keys = split_data_keys(data, defaults)
-    if learner.setdefault("history", teacher.spec.history) != teacher.spec.history:
-        raise ValueError(f"{source}: history: expected the teacher's history {teacher.spec.history}, "
-                         f"got {learner['history']}")
-    config = dataclass_config(VDDConfig, learner, source)
-    _check_every(checkpoint_every)
-    dataset, dataset_path = _dataset_for(args.dataset, data_keys, not args.quiet)
+    # the teacher's own data unless the config names other data: same file, or the same generated demos
+    teacher_defaults = TeacherConfig()
+    dataset_path = config.dataset or teacher.config.get("dataset", teacher_defaults.dataset) or ""
+    episodes = config.episodes if config.episodes is not None else teacher.config.get(
+        "episodes", teacher_defaults.episodes)
+    dataset_seed = config.dataset_seed if config.dataset_seed is not None else teacher.config.get(
+        "dataset_seed", teacher_defaults.dataset_seed)
+    dataset = load_demonstrations(dataset_path, episodes, dataset_seed, progress=not args.quiet)
     field_names = [f.name for f in teacher.spec.observation_fields]
     comparable = dataset.spec.replace(history=teacher.spec.history, action_horizon=teacher.spec.action_horizon)
     if set(field_names) <= {f.name for f in dataset.spec.observation_fields}:
@@ -284,65 +328,47 @@ def run_distill(args) -> int:
                                      normalization=teacher.spec.normalization, observation_fields=field_names)
     spec = teacher.spec.replace(model_kind="vdd_mixture", model_info=dict(
         teacher.spec.model_info, teacher=os.path.basename(teacher_path)))
-    saved = dict(config.to_dict(), teacher=teacher_path, dataset=dataset_path or "",
-                 episodes=data_keys["episodes"], dataset_seed=data_keys["dataset_seed"])
+    saved = dict(config.to_dict(), teacher=teacher_path, dataset=dataset_path, episodes=episodes,
+                 dataset_seed=dataset_seed)
+    print(f"vdd distill: writing {out}", flush=True)
 
     def periodic(iteration, model, record):
-        if checkpoint_every and (iteration + 1) % checkpoint_every == 0 and iteration + 1 < config.iterations:
-            _save(args.out, model, "vdd_mixture", spec, saved, {"iteration": iteration})
+        every = config.checkpoint_every
+        if every and (iteration + 1) % every == 0 and iteration + 1 < config.iterations:
+            _save(out, model, "vdd_mixture", spec, saved, {"iteration": iteration})
 
     started = time.perf_counter()
     model = distill(teacher.model, training.observations, training.actions, config, progress=not args.quiet,
                     callback=periodic)
     seconds = time.perf_counter() - started
     history = _jsonable(dict(getattr(model, "training_history", {}), wall_time_s=seconds))
-    _save(args.out, model, "vdd_mixture", spec, saved, history)
+    _save(out, model, "vdd_mixture", spec, saved, history)
     weights = history.get("mean_gating_weights", [])
-    _summary(out=args.out, teacher=teacher_path, states=len(training.observations), iterations=config.iterations,
+    _summary(out=out, teacher=teacher_path, states=len(training.observations), iterations=config.iterations,
              dead_experts=len(history.get("dead_experts", [])),
              gating_weights="[" + ",".join(f"{w:.3f}" for w in weights) + "]", seconds=round(seconds, 1))
     return 0
 
 
-def _check_every(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"checkpoint_every: expected an integer >= 0, got {value!r}")
-
-
 # --- train-em ------------------------------------------------------------------------------
 def run_train_em(args) -> int:
-    from vdd_ros.learn.em import EMConfig
-
-    data, source = load_config(args.config, "em.yaml", args.overrides)
-    horizon = data.pop("horizon", 8)
-    execute_steps = data.pop("execute_steps", 4)
-    field_names = data.pop("observation_fields", [])
-    if not isinstance(field_names, list) or not all(isinstance(n, str) for n in field_names):
-        raise ValueError(f"{source}: observation_fields: expected a list of field names, got {field_names!r}")
-    for name, value in (("horizon", horizon), ("execute_steps", execute_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{source}: {name}: expected an integer >= 1, got {value!r}")
-    if execute_steps > horizon:
-        raise ValueError(f"{source}: execute_steps: expected <= horizon={horizon}, got {execute_steps}")
-    learner, data_keys = split_data_keys(data, {"dataset": "", "episodes": 200, "dataset_seed": 0})
-    config = dataclass_config(EMConfig, learner, source)
+    config = build_config(EMConfig, args)
+    out = output_path(args, "train-em")
     _torch_setup()
     from vdd_ros.learn.em import train_em
-    from vdd_ros.learn.pipeline import prepare_training_data
+    from vdd_ros.learn.pipeline import load_demonstrations, prepare_training_data
 
-    dataset, dataset_path = _dataset_for(args.dataset, data_keys, not args.quiet)
-    training = prepare_training_data(dataset, config.history, horizon, "em_mixture",
-                                     observation_fields=field_names)
-    spec = training.spec.replace(model_info={"execute_steps": execute_steps})
+    dataset = load_demonstrations(config.dataset, config.episodes, config.dataset_seed, progress=not args.quiet)
+    training = prepare_training_data(dataset, config.history, config.horizon, "em_mixture",
+                                     observation_fields=config.observation_fields)
+    spec = training.spec.replace(model_info={"execute_steps": config.execute_steps})
+    print(f"vdd train-em: writing {out}", flush=True)
     started = time.perf_counter()
     model = train_em(training.observations, training.actions, config, progress=not args.quiet)
     seconds = time.perf_counter() - started
     history = _jsonable(dict(getattr(model, "training_history", {}), wall_time_s=seconds))
-    saved = dict(config.to_dict(), horizon=horizon, execute_steps=execute_steps, observation_fields=field_names,
-                 dataset=dataset_path or "",
-                 episodes=data_keys["episodes"], dataset_seed=data_keys["dataset_seed"])
-    _save(args.out, model, "em_mixture", spec, saved, history)
-    _summary(out=args.out, samples=len(training.observations), seconds=round(seconds, 1))
+    _save(out, model, "em_mixture", spec, config.to_dict(), history)
+    _summary(out=out, samples=len(training.observations), seconds=round(seconds, 1))
     return 0
 
 
@@ -363,6 +389,7 @@ def run_eval(args) -> int:
     if not args.plot.endswith(".png"):
         raise ValueError(f"--plot: expected a path ending in .png, got '{args.plot}'")
     _torch_setup()
+    from vdd_ros.files import write_json
     from vdd_ros.learn.checkpoint import load_checkpoint
 
     expected_kind = {"teacher": ("diffusion_teacher",), "student": ("vdd_mixture", "em_mixture"),
@@ -376,7 +403,7 @@ def run_eval(args) -> int:
         loaded.append((label, path, checkpoint))
     rows, results = evaluate_checkpoints(loaded, args)
     print(format_table(rows))
-    write_json_atomic(args.json, {"episodes": args.episodes, "seed": args.seed, "models": rows})
+    write_json(args.json, {"episodes": args.episodes, "seed": args.seed, "models": rows})
     from vdd_ros.tasks.arm_avoid import plot_rollouts
 
     # the run's settings go into each panel title (a figure title would overlap them)
@@ -398,9 +425,8 @@ def evaluate_checkpoints(loaded, args):
         spec = checkpoint.spec
         if spec.task != arm_avoid.TASK_NAME:
             raise ValueError(f"--{label} {path}: expected a model of task '{arm_avoid.TASK_NAME}', got '{spec.task}'")
-        options = {}
         if checkpoint.kind == "diffusion_teacher":
-            options = {"n_steps": args.n_steps, "sampler": args.sampler}
+            options = {"n_steps": args.n_steps}
         else:
             options = {"greedy": args.greedy}
         frame_fields = arm_avoid.task_spec(1, 1).observation_fields
@@ -434,15 +460,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines)
 
 
-def write_json_atomic(path: str, data) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, allow_nan=False, default=float)
-            handle.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# --- the YAML files that write out the defaults ------------------------------------------
+def default_config_text(command: str) -> str:
+    """``config/<file>.yaml`` as it must read: the dataclass defaults with each field's meaning."""
+    cls, yaml_name, _, title = COMMANDS[command]
+    return render_yaml(cls, [
+        title,
+        f"The defaults of {cls.__module__}.{cls.__name__} (the shipped model's recipe), one field a line.",
+        f"Change a field: vdd {command} --iterations 500 --backbone.hidden 128 (or --set iterations=500),",
+        "or copy this file, edit it and pass --config FILE. Regenerate: python -m vdd_ros.cli.learn config/",
+    ])
+
+
+def write_default_configs(folder) -> list[str]:
+    from vdd_ros.files import write_text
+
+    return [write_text(Path(folder) / COMMANDS[command][1], default_config_text(command)) for command in COMMANDS]
+
+
+if __name__ == "__main__":
+    for written in write_default_configs(sys.argv[1] if len(sys.argv) > 1 else "config"):
+        print(f"wrote {written}")

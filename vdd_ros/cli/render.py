@@ -16,14 +16,13 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from vdd_ros.cli.main import UserError
-    from vdd_ros.data.dataset import DemoDataset
-    from vdd_ros.tasks.registry import TASKS, task_module
+    from vdd_ros.tasks.registry import TASKS, load_dataset, task_module
 
     if not args.out.endswith(".png"):
         raise ValueError(f"--out: expected a path ending in .png, got '{args.out}'")
     if args.max_episodes is not None and args.max_episodes < 1:
         raise ValueError(f"--max-episodes: expected an integer >= 1, got {args.max_episodes}")
-    dataset = DemoDataset.load(args.dataset)
+    dataset = load_dataset(args.dataset)
     if dataset.task not in TASKS or not hasattr(task_module(dataset.task), "plot_dataset"):
         raise ValueError(f"dataset {args.dataset}: task: expected a task with a plot "
                          f"({sorted(TASKS)}), got '{dataset.task}'")

@@ -8,18 +8,30 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, NoReturn
 
 import numpy as np
 
+from vdd_ros.files import atomic_path
 from vdd_ros.spec import ModelSpec, SpecError
+from vdd_ros.validation import FieldError, check_int
 
 REQUIRED_KEYS = ("observations", "actions", "episode_ends", "routes", "task", "spec_json")
 
 
-def _fail(path, message: str):
-    raise ValueError(f"dataset {path}: {message}")
+class DatasetError(FieldError):
+    """A dataset field holds what it must not: ``dataset <path>: <field>: expected ..., got ...``."""
+
+    def __init__(self, field_name: str, expected: str, actual: Any, where: str = "dataset"):
+        super().__init__(field_name, expected, actual)
+        self.where = where
+        self.args = (f"{where}: {self.args[0]}",)
+
+
+def _fail(path, field_name: str, expected: str, actual: Any) -> NoReturn:
+    raise DatasetError(field_name, expected, actual, where=f"dataset {path}")
 
 
 @dataclass
@@ -42,33 +54,33 @@ class DemoDataset:
             self.task = self.spec.task
         self.validate()
 
-    def validate(self, where: str = "") -> None:
-        """Raise ValueError naming the field, expected and actual value when the arrays disagree."""
-        where = where or "dataset"
+    def validate(self, where: str = "dataset") -> None:
+        """Raise DatasetError naming the field, expected and actual value when the arrays disagree."""
         spec = self.spec
         obs, act, ends = self.observations, self.actions, self.episode_ends
+
+        def fail(field_name, expected, actual):
+            raise DatasetError(field_name, expected, actual, where=where)
+
         if obs.ndim != 2 or obs.shape[1] != spec.obs_step_dim:
-            raise ValueError(f"{where}: observations: expected shape [N, {spec.obs_step_dim}] "
-                             f"(spec observation fields), got {list(obs.shape)}")
+            fail("observations", f"shape [N, {spec.obs_step_dim}] (spec observation fields)", list(obs.shape))
         if act.ndim != 2 or act.shape[1] != spec.n_joints:
-            raise ValueError(f"{where}: actions: expected shape [N, {spec.n_joints}] (one per joint), "
-                             f"got {list(act.shape)}")
+            fail("actions", f"shape [N, {spec.n_joints}] (one per joint)", list(act.shape))
         if act.shape[0] != obs.shape[0]:
-            raise ValueError(f"{where}: actions: expected {obs.shape[0]} rows (as observations), got {act.shape[0]}")
+            fail("actions", f"{obs.shape[0]} rows (as observations)", act.shape[0])
         if ends.size == 0:
-            raise ValueError(f"{where}: episode_ends: expected at least one episode, got none")
+            fail("episode_ends", "at least one episode", [])
         if np.any(np.diff(np.concatenate([[0], ends])) <= 0):
-            raise ValueError(f"{where}: episode_ends: expected strictly increasing positive indices, "
-                             f"got {ends[:10].tolist()}{'...' if ends.size > 10 else ''}")
+            fail("episode_ends", "strictly increasing positive indices", ends[:10].tolist())
         if ends[-1] != obs.shape[0]:
-            raise ValueError(f"{where}: episode_ends: expected the last end to be {obs.shape[0]} (the number of "
-                             f"steps), got {int(ends[-1])}")
+            fail("episode_ends", f"the last end to be {obs.shape[0]} (the number of steps)", int(ends[-1]))
         if self.routes.shape != ends.shape:
-            raise ValueError(f"{where}: routes: expected {ends.size} entries (one per episode), got {self.routes.size}")
-        if not (np.all(np.isfinite(obs)) and np.all(np.isfinite(act))):
-            raise ValueError(f"{where}: observations/actions: expected finite numbers, got NaN or inf")
+            fail("routes", f"{ends.size} entries (one per episode)", self.routes.size)
+        for name, values in (("observations", obs), ("actions", act)):
+            if not np.all(np.isfinite(values)):
+                fail(name, "finite numbers", float(values[~np.isfinite(values)][0]))
         if self.task != spec.task:
-            raise ValueError(f"{where}: task: expected '{spec.task}' (the spec's task), got '{self.task}'")
+            fail("task", f"{spec.task!r} (the spec's task)", self.task)
 
     # --- sizes ------------------------------------------------------------------------
     @property
@@ -94,8 +106,8 @@ class DemoDataset:
         Observation windows end at each step and repeat the episode's first frame before its
         start; action chunks start at each step and repeat the episode's last action after its end.
         """
-        if history < 1 or horizon < 1:
-            raise ValueError(f"history/horizon: expected integers >= 1, got {history}/{horizon}")
+        check_int("history", history, 1)
+        check_int("horizon", horizon, 1)
         lengths = np.diff(np.concatenate([[0], self.episode_ends]))
         starts = np.repeat(self.episode_starts, lengths)
         ends = np.repeat(self.episode_ends, lengths)
@@ -122,77 +134,57 @@ class DemoDataset:
 
     # --- files ------------------------------------------------------------------------
     def save(self, path: str) -> str:
-        """Write a compressed ``.npz`` atomically (a temp file in the same folder, then rename)."""
+        """Write a compressed ``.npz`` atomically (nothing half-written on failure); returns ``path``."""
         path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(handle, observations=self.observations, actions=self.actions,
-                                    episode_ends=self.episode_ends, routes=self.routes,
-                                    task=np.array(self.task), spec_json=np.array(self.spec.to_json()))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp:
+            np.savez_compressed(tmp, observations=self.observations, actions=self.actions,
+                                episode_ends=self.episode_ends, routes=self.routes,
+                                task=np.array(self.task), spec_json=np.array(self.spec.to_json()))
         return path
 
     @staticmethod
-    def load(path: str, expected_task: str | None = None) -> "DemoDataset":
-        """Read a dataset; every problem is a one-line error naming the file and field."""
+    def load(path: str, expected_task: str | None = None) -> DemoDataset:
+        """Read a dataset; every problem is a one-line DatasetError naming the file and field.
+
+        This checks the file against itself (its arrays against its own spec); checking it against
+        a built-in task's interface is ``vdd_ros.tasks.registry.load_dataset``.
+        """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"dataset {path}: no such file")
         try:
             data = np.load(path, allow_pickle=False)
             if not isinstance(data, np.lib.npyio.NpzFile):
-                _fail(path, f"expected an .npz archive, got a single {type(data).__name__}")
+                _fail(path, "file", "an .npz archive", f"a single {type(data).__name__}")
             with data:
                 missing = [k for k in REQUIRED_KEYS if k not in data.files]
                 if missing:
-                    _fail(path, f"missing keys {missing} (expected {list(REQUIRED_KEYS)})")
+                    _fail(path, "keys", f"all of {list(REQUIRED_KEYS)}", f"missing {missing}")
                 arrays = {k: data[k] for k in REQUIRED_KEYS}
         except (zipfile.BadZipFile, OSError, EOFError) as err:
-            _fail(path, f"not a readable .npz file ({type(err).__name__}: {err})")
+            _fail(path, "file", "a readable .npz archive", f"{type(err).__name__}: {err}")
+        except DatasetError:
+            raise
         except ValueError as err:
-            if str(err).startswith(f"dataset {path}:"):
-                raise
-            _fail(path, f"not a readable .npz file ({err})")
+            _fail(path, "file", "a readable .npz archive", str(err))
         for key in ("task", "spec_json"):
             if arrays[key].ndim != 0 or arrays[key].dtype.kind != "U":
-                _fail(path, f"{key}: expected a text scalar, got {arrays[key].dtype} array of shape "
-                      f"{list(arrays[key].shape)}")
+                _fail(path, key, "a text scalar", f"{arrays[key].dtype} array of shape {list(arrays[key].shape)}")
         task = str(arrays["task"])
         try:
             spec = ModelSpec.from_json(str(arrays["spec_json"]))
         except SpecError as err:
-            _fail(path, f"spec_json: {err}")
+            _fail(path, f"spec_json.{err.field_name}", err.expected, err.actual)
         if expected_task is not None and task != expected_task:
-            _fail(path, f"task: expected '{expected_task}', got '{task}'")
-        _check_against_task(path, task, spec)
+            _fail(path, "task", repr(expected_task), task)
         for key in ("observations", "actions"):
             if arrays[key].dtype.kind not in "fiu":
-                _fail(path, f"{key}: expected numbers, got dtype {arrays[key].dtype}")
+                _fail(path, key, "numbers", f"dtype {arrays[key].dtype}")
         for key in ("episode_ends", "routes"):
             if arrays[key].dtype.kind not in "iu" or arrays[key].ndim != 1:
-                _fail(path, f"{key}: expected a 1-d integer array, got {arrays[key].dtype} of shape "
-                      f"{list(arrays[key].shape)}")
+                _fail(path, key, "a 1-d integer array", f"{arrays[key].dtype} of shape {list(arrays[key].shape)}")
         try:
             return DemoDataset(observations=arrays["observations"], actions=arrays["actions"],
                                episode_ends=arrays["episode_ends"], spec=spec, routes=arrays["routes"], task=task)
-        except ValueError as err:
-            raise ValueError(str(err).replace("dataset:", f"dataset {path}:", 1)) from None
-
-
-def _check_against_task(path: str, task: str, spec: ModelSpec) -> None:
-    """A dataset of a built-in task must match that task's interface (joints, limits, fields, rate)."""
-    from vdd_ros.tasks.registry import TASKS, task_module
-
-    if task not in TASKS:
-        return
-    expected = task_module(task).task_spec(spec.history, spec.action_horizon)
-    differences = spec.interface_differences(expected)
-    if differences:
-        _fail(path, f"spec disagrees with task '{task}': " + "; ".join(
-            d.replace("this=", "dataset=").replace("other=", "task=") for d in differences))
+        except DatasetError as err:
+            raise DatasetError(err.field_name, err.expected, err.actual, where=f"dataset {path}") from None

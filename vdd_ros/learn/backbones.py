@@ -13,47 +13,11 @@ with a dynamic batch dimension; attention is plain matmul + softmax with a const
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, asdict
 
 import torch
 from torch import nn
 
-BACKBONE_KINDS = ("mlp", "transformer")
-
-
-@dataclass
-class BackboneConfig:
-    """Which backbone reads the observation window, and its size."""
-
-    kind: str = "mlp"  # "mlp" or "transformer"
-    hidden: int = 256  # MLP hidden width (mlp kind; also the transformer's feed-forward width)
-    mlp_layers: int = 3  # number of hidden layers of the MLP (mlp kind)
-    embed_dim: int = 72  # token width of the transformer (must be divisible by heads)
-    transformer_layers: int = 4  # number of causal self-attention blocks
-    heads: int = 4  # attention heads per block
-
-    def validate(self) -> "BackboneConfig":
-        if self.kind not in BACKBONE_KINDS:
-            raise ValueError(f"BackboneConfig.kind: expected one of {BACKBONE_KINDS}, got {self.kind!r}")
-        for name in ("hidden", "mlp_layers", "embed_dim", "transformer_layers", "heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"BackboneConfig.{name}: expected an integer >= 1, got {value!r}")
-        if self.embed_dim % self.heads != 0:
-            raise ValueError(f"BackboneConfig.embed_dim: expected a multiple of heads={self.heads}, "
-                             f"got {self.embed_dim}")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(data: dict) -> "BackboneConfig":
-        known = set(BackboneConfig.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"BackboneConfig: expected only keys {sorted(known)}, got unknown {unknown}")
-        return BackboneConfig(**data).validate()
+from vdd_ros.learn.configs import BackboneConfig
 
 
 def build_mlp(in_dim: int, hidden: int, layers: int, out_dim: int | None = None) -> nn.Sequential:

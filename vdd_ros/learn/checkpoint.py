@@ -6,14 +6,18 @@ text, with the fitted normalisation and ``model_kind`` set), ``config`` (dict), 
 or ``model.hyperparameters``), ``state_dict`` and ``history``. It loads
 with ``torch.load(weights_only=True)``.
 
-Files are written to a temporary name in the same folder and moved into place with
-``os.replace``, so an interrupted write (Ctrl-C, crash) leaves the previous complete file.
+Files are written atomically (``vdd_ros.files.atomic_path``), so an interrupted write (Ctrl-C,
+crash) leaves the previous complete file.
+
+Files written before the ancestral sampler was dropped name ``sampler`` in the teacher's
+constructor arguments, config and ``spec.model_info`` (a student's spec inherited it): it is
+removed on loading (the weights do not depend on it), and a teacher that named ``ancestral``
+loads with a warning: it now samples with Euler, the sampler its exported graph always unrolled.
 """
 from __future__ import annotations
 
 import importlib
-import os
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vdd_ros.files import new_file_mode
+from vdd_ros.files import atomic_path
 from vdd_ros.spec import ModelSpec, SpecError
 
 CHECKPOINT_FORMAT = 1
@@ -98,18 +102,8 @@ def save_checkpoint(path, model: nn.Module, kind: str, spec: ModelSpec, config: 
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "history": _plain(dict(history or {})),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    os.chmod(tmp_name, new_file_mode())  # mkstemp makes the file private; a checkpoint is an ordinary file
-    try:
+    with atomic_path(path) as tmp_name:  # Ctrl-C included: the old checkpoint stays
         torch.save(payload, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        # includes KeyboardInterrupt: the half-written temp file goes, the old checkpoint stays
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
     return path
 
 
@@ -146,13 +140,31 @@ def load_checkpoint(path, expected_spec: ModelSpec | None = None) -> Checkpoint:
         if differences:
             raise CheckpointError(f"checkpoint {path} was made for a different spec (this = expected, "
                                   f"other = checkpoint): " + "; ".join(differences))
+    config, model_args = dict(payload["config"]), dict(payload["model_args"])
+    spec, config, model_args = _without_sampler(path, kind, spec, config, model_args)
     module_name, class_name = MODEL_CLASSES[kind]
     model_class = getattr(importlib.import_module(module_name), class_name)
     try:
-        model = _rebuild(model_class, payload["model_args"])
+        model = _rebuild(model_class, model_args)
         model.load_state_dict(payload["state_dict"])
     except (TypeError, RuntimeError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path}: cannot rebuild the {class_name} ({first_line})") from None
-    return Checkpoint(kind=kind, spec=spec, config=dict(payload["config"]), model=model.eval(),
+    return Checkpoint(kind=kind, spec=spec, config=config, model=model.eval(),
                       history=dict(payload.get("history") or {}))
+
+
+def _without_sampler(path: Path, kind: str, spec: ModelSpec, config: dict, model_args: dict
+                     ) -> tuple[ModelSpec, dict, dict]:
+    """A file of an older version without its ``sampler`` entries (Euler is the only sampler; a
+    student's spec inherited its teacher's)."""
+    named = {source.get("sampler") for source in (spec.model_info, config, model_args)} - {None}
+    if not named:
+        return spec, config, model_args
+    if named != {"euler"} and kind == "diffusion_teacher":
+        warnings.warn(f"checkpoint {path}: sampler {sorted(named)} is no longer offered; this teacher samples with "
+                      f"Euler, the sampler its exported ONNX graph unrolls (the weights are unchanged)",
+                      UserWarning, stacklevel=3)
+    info = {k: v for k, v in spec.model_info.items() if k != "sampler"}
+    return (spec.replace(model_info=info), {k: v for k, v in config.items() if k != "sampler"},
+            {k: v for k, v in model_args.items() if k != "sampler"})

@@ -8,7 +8,7 @@ is accurate off the data manifold but the target is barely blurred).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

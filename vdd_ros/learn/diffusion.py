@@ -10,8 +10,9 @@ The denoiser ``D(x; obs, sigma)`` maps a noisy normalised action chunk ``x`` at 
 
 so the network ``F`` always sees unit-scale inputs and targets. Training is denoising score
 matching with ``ln sigma ~ N(P_mean, P_std^2)`` and the EDM weight ``1 / c_out^2``; sampling
-integrates the probability-flow ODE (deterministic Euler) or its ancestral SDE counterpart
-on the Karras sigma schedule. The score ``(D - x) / sigma^2`` is what VDD distils.
+integrates the probability-flow ODE with Euler steps on the Karras sigma schedule (the only
+sampler: the one the exported ONNX graph unrolls, so the teacher evaluated is the one deployed).
+The score ``(D - x) / sigma^2`` is what VDD distils.
 
 Everything is in normalised units: ``obs`` is the flattened window ``[B, history*obs_step_dim]``
 and actions are flattened chunks ``[B, horizon*n_joints]``.
@@ -20,16 +21,14 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, asdict, fields
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from vdd_ros.learn.backbones import BackboneConfig, build_backbone
-
-SAMPLERS = ("euler", "ancestral")
+from vdd_ros.learn.configs import TeacherConfig, check_sampling
 
 
 class NoiseLevelEmbedding(nn.Module):
@@ -60,15 +59,14 @@ class DiffusionTeacher(nn.Module):
 
     def __init__(self, obs_step_dim: int, history: int, act_dim: int, backbone: dict | None = None,
                  noise_embed_dim: int = 16, sigma_data: float = 0.5, sigma_min: float = 0.002,
-                 sigma_max: float = 10.0, rho: float = 7.0, n_steps: int = 8, sampler: str = "euler",
-                 action_reference: dict | None = None):
+                 sigma_max: float = 10.0, rho: float = 7.0, n_steps: int = 16, action_reference: dict | None = None):
         super().__init__()
         backbone_config = BackboneConfig.from_dict(dict(backbone or {}))
         self.init_kwargs = dict(obs_step_dim=obs_step_dim, history=history, act_dim=act_dim,
                                 backbone=backbone_config.to_dict(), noise_embed_dim=noise_embed_dim,
                                 sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                                n_steps=n_steps, sampler=sampler, action_reference=action_reference)
-        _check_sampling(sigma_min, sigma_max, rho, n_steps, sampler, sigma_data)
+                                n_steps=n_steps, action_reference=action_reference)
+        check_sampling(sigma_min, sigma_max, rho, n_steps, sigma_data)
         self.obs_step_dim = obs_step_dim
         self.history = history
         self.obs_dim = obs_step_dim * history
@@ -78,7 +76,6 @@ class DiffusionTeacher(nn.Module):
         self.sigma_max = float(sigma_max)
         self.rho = float(rho)
         self.n_steps = int(n_steps)
-        self.sampler = sampler
         self.noise_embedding = NoiseLevelEmbedding(noise_embed_dim)
         self.backbone = build_backbone(backbone_config, obs_step_dim, history, extra_dim=act_dim + noise_embed_dim)
         self.head = nn.Linear(self.backbone.out_dim, act_dim)
@@ -163,17 +160,14 @@ class DiffusionTeacher(nn.Module):
         return karras_sigmas(self.sigma_min, self.sigma_max, self.rho, n_steps or self.n_steps)
 
     @torch.no_grad()
-    def sample(self, obs: torch.Tensor, n_steps: int | None = None, sampler: str | None = None,
-               noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Action chunks ``[B, act_dim]`` for ``obs [B, obs_dim]`` with ``n_steps`` denoiser calls.
+    def sample(self, obs: torch.Tensor, n_steps: int | None = None, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Action chunks ``[B, act_dim]`` for ``obs [B, obs_dim]``: ``n_steps`` Euler steps of the
+        probability-flow ODE (one denoiser call each), the sampler the exported graph unrolls.
 
-        ``noise`` (``[B, act_dim]``, standard normal) fixes the start of the chain; the
-        ``euler`` sampler is then deterministic. ``ancestral`` adds fresh noise each step
-        (from ``generator``).
+        ``noise`` (``[B, act_dim]``, standard normal; default: drawn from ``generator``) is the
+        start of the chain; given it, the result is deterministic.
         """
-        sampler = sampler or self.sampler
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
         sigmas = self.karras_sigmas(n_steps).to(obs.dtype)
         batch = obs.shape[0]
         if noise is None:
@@ -184,15 +178,8 @@ class DiffusionTeacher(nn.Module):
         for i in range(len(sigmas) - 1):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             denoised = self.denoise(x, obs, sigma.expand(batch))
-            if sampler == "euler":
-                # probability-flow ODE step: dx/dsigma = (x - D) / sigma
-                x = denoised + (sigma_next / sigma) * (x - denoised)
-            else:
-                sigma_up = torch.minimum(sigma_next, torch.sqrt(
-                    sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
-                sigma_down = torch.sqrt(sigma_next ** 2 - sigma_up ** 2)
-                x = denoised + (sigma_down / sigma) * (x - denoised)
-                x = x + sigma_up * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            # probability-flow ODE step: dx/dsigma = (x - D) / sigma
+            x = denoised + (sigma_next / sigma) * (x - denoised)
         return x
 
 
@@ -200,148 +187,21 @@ def karras_sigmas(sigma_min: float, sigma_max: float, rho: float, n_steps: int) 
     """The Karras schedule ``(sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` + [0]."""
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps: expected an integer >= 1, got {n_steps!r}")
-    ramp = torch.linspace(0.0, 1.0, n_steps, dtype=torch.float64) if n_steps > 1 else torch.zeros(1, dtype=torch.float64)
+    ramp = torch.linspace(0.0, 1.0, n_steps, dtype=torch.float64) if n_steps > 1 else \
+        torch.zeros(1, dtype=torch.float64)
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     sigmas = (hi + ramp * (lo - hi)) ** rho
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
 
 
-def _check_sampling(sigma_min, sigma_max, rho, n_steps, sampler, sigma_data) -> None:
-    if not (isinstance(sigma_data, (int, float)) and sigma_data > 0):
-        raise ValueError(f"sigma_data: expected a number > 0, got {sigma_data!r}")
-    if not (isinstance(sigma_min, (int, float)) and sigma_min > 0):
-        raise ValueError(f"sigma_min: expected a number > 0, got {sigma_min!r}")
-    if not (isinstance(sigma_max, (int, float)) and sigma_max > sigma_min):
-        raise ValueError(f"sigma_max: expected a number > sigma_min={sigma_min}, got {sigma_max!r}")
-    if not (isinstance(rho, (int, float)) and rho > 0):
-        raise ValueError(f"rho: expected a number > 0, got {rho!r}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps: expected an integer >= 1, got {n_steps!r}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
-
-
 # --- configuration and training ------------------------------------------------------
-@dataclass
-class TeacherConfig:
-    """Everything that defines a teacher training run (``config/teacher.yaml``)."""
-
-    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(hidden=256, mlp_layers=3))
-    noise_embed_dim: int = 16  # width of the sinusoidal noise-level embedding fed to the backbone
-    sigma_data: float = 0.5  # assumed std of the normalised actions (EDM preconditioning)
-    P_mean: float = -1.2  # mean of ln(sigma) during training
-    P_std: float = 1.2  # std of ln(sigma) during training
-    sigma_min: float = 0.002  # smallest noise level of the sampling schedule
-    sigma_max: float = 10.0  # largest noise level (start of sampling)
-    rho: float = 7.0  # Karras schedule curvature
-    n_steps: int = 8  # denoiser evaluations per sampled action chunk
-    sampler: str = "euler"  # "euler" (deterministic ODE) or "ancestral" (stochastic)
-    lr: float = 1e-3  # Adam learning rate (cosine-decayed to 10% over the run)
-    weight_decay: float = 0.0  # AdamW weight decay
-    observation_fields: list = field(default_factory=list)  # frame fields the model reads (empty: all of the data's)
-    relative_to: str = ""  # joint-position observation field the chunk is denoised relative to ("": absolute)
-    obs_noise: float = 0.0  # std of Gaussian noise added to the normalised observations while training (robustness)
-    batch_size: int = 256  # samples per optimiser step
-    iterations: int = 6000  # optimiser steps
-    ema_decay: float = 0.999  # exponential moving average of the weights (the EMA copy is saved)
-    history: int = 2  # observation frames in the window
-    horizon: int = 8  # actions per predicted chunk
-    execute_steps: int = 4  # actions of each chunk executed before re-planning (rollouts)
-    seed: int = 0  # seeds torch (initialisation, batches, noise) and the demo generator offset
-    dataset: str = ""  # demonstration file (.npz); empty: generate the built-in arm task's demos
-    episodes: int = 200  # demonstrations generated when dataset is empty
-    dataset_seed: int = 0  # seed of the generated demonstrations
-    checkpoint_every: int = 1000  # iterations between periodic checkpoints (0: only at the end)
-
-    def validate(self) -> "TeacherConfig":
-        if isinstance(self.backbone, dict):
-            self.backbone = BackboneConfig.from_dict(self.backbone)
-        self.backbone.validate()
-        _check_sampling(self.sigma_min, self.sigma_max, self.rho, self.n_steps, self.sampler, self.sigma_data)
-        positive_ints = ("noise_embed_dim", "batch_size", "iterations", "history", "horizon", "execute_steps",
-                         "episodes")
-        for name in positive_ints:
-            _require_int(self, name, 1)
-        _require_int(self, "checkpoint_every", 0)
-        _require_int(self, "seed", 0)
-        _require_int(self, "dataset_seed", 0)
-        if self.noise_embed_dim % 2:
-            raise ValueError(f"TeacherConfig.noise_embed_dim: expected an even integer, got {self.noise_embed_dim}")
-        if self.execute_steps > self.horizon:
-            raise ValueError(f"TeacherConfig.execute_steps: expected <= horizon={self.horizon}, "
-                             f"got {self.execute_steps}")
-        for name in ("lr", "P_std"):
-            _require_float(self, name, low=0.0, low_open=True)
-        _require_float(self, "weight_decay", low=0.0)
-        _require_float(self, "obs_noise", low=0.0)
-        _require_float(self, "P_mean")
-        _require_float(self, "ema_decay", low=0.0, high=1.0, high_open=True)
-        if not isinstance(self.observation_fields, (list, tuple)) or not all(
-                isinstance(name, str) and name for name in self.observation_fields):
-            raise ValueError(f"TeacherConfig.observation_fields: expected a list of field names, "
-                             f"got {self.observation_fields!r}")
-        if not isinstance(self.relative_to, str):
-            raise ValueError(f"TeacherConfig.relative_to: expected an observation field name or '', "
-                             f"got {self.relative_to!r}")
-        if not isinstance(self.dataset, str):
-            raise ValueError(f"TeacherConfig.dataset: expected a path string, got {self.dataset!r}")
-        return self
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["backbone"] = self.backbone.to_dict() if isinstance(self.backbone, BackboneConfig) else dict(self.backbone)
-        return data
-
-    @staticmethod
-    def from_dict(data: dict) -> "TeacherConfig":
-        return config_from_dict(TeacherConfig, data)
-
-
-def config_from_dict(cls, data: dict):
-    """Build and validate a config dataclass; unknown keys are refused by name."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; expected some of {sorted(known)}")
-    values = dict(data)
-    if "backbone" in values and isinstance(values["backbone"], dict):
-        values["backbone"] = BackboneConfig.from_dict(values["backbone"])
-    return cls(**values).validate()
-
-
-def _require_int(config, name: str, low: int) -> None:
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{type(config).__name__}.{name}: expected an integer >= {low}, got {value!r}")
-
-
-def _require_float(config, name: str, low: float | None = None, high: float | None = None,
-                   low_open: bool = False, high_open: bool = False) -> None:
-    value = getattr(config, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        bounds = []
-        if low is not None:
-            bounds.append(f"{'>' if low_open else '>='} {low}")
-        if high is not None:
-            bounds.append(f"{'<' if high_open else '<='} {high}")
-        expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
-        raise ValueError(f"{type(config).__name__}.{name}: expected {expected}, got {value!r}")
-
-
 def build_teacher(config: TeacherConfig, obs_step_dim: int, act_dim: int,
                   action_reference: dict | None = None) -> DiffusionTeacher:
     return DiffusionTeacher(action_reference=action_reference,
                             obs_step_dim=obs_step_dim, history=config.history, act_dim=act_dim,
                             backbone=config.backbone.to_dict(), noise_embed_dim=config.noise_embed_dim,
                             sigma_data=config.sigma_data, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
-                            rho=config.rho, n_steps=config.n_steps, sampler=config.sampler)
+                            rho=config.rho, n_steps=config.n_steps)
 
 
 def train_teacher(observations, actions, config: TeacherConfig, progress: bool = True,

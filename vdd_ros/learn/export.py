@@ -18,7 +18,7 @@ Three graph roles (inputs and outputs are listed in ``vdd_ros.runtime.format``):
 Every file is checked before it is written: ``onnx.checker`` (full check), onnxruntime vs
 torch parity on random inputs (student actions within ``STUDENT_TOLERANCE`` and identical
 expert indices; teacher within ``TEACHER_TOLERANCE``), and the runtime's own loader. Only
-then is the file moved into place (temporary name in the same folder + ``os.replace``).
+then is the file moved into place (``vdd_ros.files.atomic_path``).
 """
 from __future__ import annotations
 
@@ -27,8 +27,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 from contextlib import redirect_stdout
@@ -40,14 +38,24 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.nn import functional as F  # noqa: N812 - the usual torch alias
 
-from vdd_ros.files import new_file_mode
+from vdd_ros.files import atomic_path
 from vdd_ros.learn.backbones import MLPBackbone
 from vdd_ros.learn.moe import NormalisedFeatures
-from vdd_ros.runtime.format import (EXPORT_FORMAT_VERSION, GRAPH_INPUTS, GRAPH_OUTPUTS, META_FORMAT, META_ROLE,
-                                    META_SPEC, OPSET, ROLE_MODEL_KINDS, ROLE_STUDENT, ROLE_TEACHER_DENOISER,
-                                    ROLE_TEACHER_SAMPLER)
+from vdd_ros.runtime.format import (
+    EXPORT_FORMAT_VERSION,
+    GRAPH_INPUTS,
+    GRAPH_OUTPUTS,
+    META_FORMAT,
+    META_ROLE,
+    META_SPEC,
+    OPSET,
+    ROLE_MODEL_KINDS,
+    ROLE_STUDENT,
+    ROLE_TEACHER_DENOISER,
+    ROLE_TEACHER_SAMPLER,
+)
 from vdd_ros.runtime.session import open_model
 from vdd_ros.spec import ModelSpec
 
@@ -340,7 +348,7 @@ class TeacherSamplerGraph(nn.Module):
         flat_obs = self.normaliser.observations(obs)
         start = noise.reshape(obs.shape[0], self.act_dim)
         # the teacher's own sampler, traced: its Python loop becomes N unrolled denoiser calls
-        actions = self.model.sample(flat_obs, n_steps=self.n_steps, sampler="euler", noise=start)
+        actions = self.model.sample(flat_obs, n_steps=self.n_steps, noise=start)
         return self.normaliser.actions(actions)
 
 
@@ -492,18 +500,10 @@ def export_graph(graph: nn.Module, role: str, spec: ModelSpec, out_path, model_i
                           f"= {error:.3e} "
                           f"(tolerance {tolerance:.0e}), expert indices identical: {experts_identical}; "
                           f"{out_path} was not written")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".onnx", dir=out_path.parent)
-    try:
-        with os.fdopen(handle, "wb") as tmp:
+    with atomic_path(out_path) as tmp_name:
+        with open(tmp_name, "wb") as tmp:
             tmp.write(blob)
-        os.chmod(tmp_name, new_file_mode())  # mkstemp makes 0600; a shipped model must be readable by all
-        open_model(tmp_name, device="cpu")  # the runtime's own loader must accept it
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+        open_model(tmp_name, device="cpu")  # the runtime's own loader must accept it before it is moved in
     return ExportReport(path=out_path, role=role, max_error=error, tolerance=tolerance,
                         experts_identical=experts_identical, nodes=len(proto.graph.node), size_bytes=len(blob),
                         seconds=time.perf_counter() - started)

@@ -13,12 +13,11 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.nn import functional as F  # noqa: N812 - the usual torch alias
 
-from vdd_ros.learn.backbones import BackboneConfig, build_backbone, build_mlp
+from vdd_ros.learn.backbones import build_backbone, build_mlp
+from vdd_ros.learn.configs import COVARIANCES, GATINGS, BackboneConfig
 
-COVARIANCES = ("full", "diagonal")
-GATINGS = ("detached_features", "own_mlp")
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -60,8 +59,7 @@ class MixtureOfExpertsPolicy(nn.Module):
     def __init__(self, obs_dim_step: int, history: int, act_dim: int, n_experts: int,
                  backbone: BackboneConfig | None = None, covariance: str = "full", min_std: float = 1e-4,
                  init_std: float = 1.0, mean_init_spread: float = 1.0, gating: str = "detached_features",
-                 generator: torch.Generator | None = None, mean_init_weight_std: float = 0.0,
-                 gating_hidden: int = 0, gating_layers: int = 0):
+                 generator: torch.Generator | None = None, gating_hidden: int = 0, gating_layers: int = 0):
         super().__init__()
         backbone = BackboneConfig() if backbone is None else backbone
         for name, value, low in (("obs_dim_step", obs_dim_step, 1), ("history", history, 1),
@@ -77,9 +75,6 @@ class MixtureOfExpertsPolicy(nn.Module):
         if not (init_std > min_std and math.isfinite(init_std)):
             raise ValueError(f"MixtureOfExpertsPolicy init_std: expected a finite number > min_std={min_std}, "
                              f"got {init_std!r}")
-        if not (mean_init_weight_std >= 0 and math.isfinite(mean_init_weight_std)):
-            raise ValueError(f"MixtureOfExpertsPolicy mean_init_weight_std: expected a finite number >= 0, "
-                             f"got {mean_init_weight_std!r}")
         for name, value in (("gating_hidden", gating_hidden), ("gating_layers", gating_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"MixtureOfExpertsPolicy {name}: expected an integer >= 0, got {value!r}")
@@ -89,8 +84,7 @@ class MixtureOfExpertsPolicy(nn.Module):
         self.hyperparameters = dict(obs_dim_step=obs_dim_step, history=history, act_dim=act_dim,
                                     n_experts=n_experts, backbone=backbone.validate().to_dict(),
                                     covariance=covariance, min_std=min_std, init_std=init_std,
-                                    mean_init_spread=mean_init_spread, gating=gating,
-                                    mean_init_weight_std=mean_init_weight_std, gating_hidden=gating_hidden,
+                                    mean_init_spread=mean_init_spread, gating=gating, gating_hidden=gating_hidden,
                                     gating_layers=gating_layers)
         self.obs_dim = obs_dim_step * history
         self.act_dim = act_dim
@@ -121,10 +115,7 @@ class MixtureOfExpertsPolicy(nn.Module):
 
         with torch.no_grad():
             # experts start state independent: zero weights, means spread, std ~ init_std, uniform gating
-            if mean_init_weight_std > 0:
-                self.mean_head.weight.normal_(0.0, mean_init_weight_std, generator=generator)
-            else:
-                self.mean_head.weight.zero_()
+            self.mean_head.weight.zero_()
             self.mean_head.bias.copy_(initial_mean_offsets(n_experts, act_dim, mean_init_spread, generator).reshape(-1))
             self.std_head.weight.zero_()
             self.std_head.bias.fill_(math.log(math.expm1(init_std - min_std)))
@@ -257,8 +248,10 @@ class MixtureOfExpertsPolicy(nn.Module):
         return means[torch.arange(obs.shape[0], device=obs.device), expert]
 
     @staticmethod
-    def from_hyperparameters(hyperparameters: dict) -> "MixtureOfExpertsPolicy":
+    def from_hyperparameters(hyperparameters: dict) -> MixtureOfExpertsPolicy:
         """Rebuild an (untrained) policy from ``model.hyperparameters``; then load its state_dict."""
         params = dict(hyperparameters)
+        # an initialisation-only option of older files (dropped): the loaded weights replace what it set
+        params.pop("mean_init_weight_std", None)
         params["backbone"] = BackboneConfig.from_dict(params["backbone"])
         return MixtureOfExpertsPolicy(**params)

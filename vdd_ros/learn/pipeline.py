@@ -31,10 +31,10 @@ class TrainingData:
 def load_demonstrations(dataset: str = "", episodes: int = 200, dataset_seed: int = 0, task: str = "arm_avoid",
                         progress: bool = False) -> DemoDataset:
     """The demonstrations in ``dataset`` (a .npz file), or ``episodes`` generated ones of the built-in task."""
-    if dataset:
-        return DemoDataset.load(dataset)
-    from vdd_ros.tasks.registry import task_module
+    from vdd_ros.tasks.registry import load_dataset, task_module
 
+    if dataset:
+        return load_dataset(dataset)
     return task_module(task).generate_demonstrations(episodes, dataset_seed, progress=progress)
 
 
@@ -145,17 +145,15 @@ class _PolicyBase:
 
 
 class TeacherPolicy(_PolicyBase):
-    """Samples the diffusion teacher with ``n_steps`` denoiser evaluations per action chunk."""
+    """Samples the diffusion teacher with ``n_steps`` Euler steps (denoiser evaluations) per action chunk."""
 
-    def __init__(self, model, spec: ModelSpec, seed: int = 0, n_steps: int | None = None, sampler: str | None = None,
-                 frame_fields=None):
+    def __init__(self, model, spec: ModelSpec, seed: int = 0, n_steps: int | None = None, frame_fields=None):
         super().__init__(model, spec, seed, frame_fields)
         self.n_steps = n_steps or model.n_steps
-        self.sampler = sampler or model.sampler
         self.evaluations_per_action = self.n_steps
 
     def normalised_actions(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.model.sample(obs, n_steps=self.n_steps, sampler=self.sampler, generator=self.generator)
+        return self.model.sample(obs, n_steps=self.n_steps, generator=self.generator)
 
 
 class MixturePolicy(_PolicyBase):

@@ -59,7 +59,7 @@ SETTLING, WAITING, RUNNING, FINISHED = "settling", "waiting_for_command", "runni
 
 PARAMETERS = {
     "seed": (0, parameter_descriptor(ParameterType.PARAMETER_INTEGER, "Seed of the episode start poses (as offline "
-                                                             "rollouts with the same seed).", int_range=(0, 2**31 - 1))),
+                                     "rollouts with the same seed).", int_range=(0, 2**31 - 1))),
     "auto_reset": (True, parameter_descriptor(ParameterType.PARAMETER_BOOL, "Start the next episode when one ends.")),
     "max_episodes": (0, parameter_descriptor(ParameterType.PARAMETER_INTEGER, "Stop after this many episodes "
                                                                      "(0 = never).", int_range=(0, 10**9))),

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from vdd_ros.validation import check_float, check_int, fail
+
 
 class ChunkExecutor:
     """Hands out one action per tick from the latest chunk; says when to replan."""
 
     def __init__(self, horizon: int, replan_every: int):
-        if horizon < 1:
-            raise ValueError(f"horizon: expected an integer >= 1, got {horizon}")
-        if not 1 <= replan_every <= horizon:
-            raise ValueError(f"replan_every: expected 1..{horizon} (the action horizon), got {replan_every}")
+        check_int("horizon", horizon, 1)
+        check_int("replan_every", replan_every, 1, horizon)  # at most the action horizon
         self.horizon = horizon
         self.replan_every = replan_every
         self._chunk: np.ndarray | None = None
@@ -34,9 +34,9 @@ class ChunkExecutor:
     def load(self, chunk: np.ndarray) -> None:
         chunk = np.asarray(chunk, dtype=np.float64)
         if chunk.ndim != 2 or chunk.shape[0] != self.horizon:
-            raise ValueError(f"action chunk: expected shape [{self.horizon}, n_joints], got {list(chunk.shape)}")
+            fail("action chunk", f"shape [{self.horizon}, n_joints]", list(chunk.shape))
         if not np.all(np.isfinite(chunk)):
-            raise ValueError("action chunk holds non-finite values")
+            fail("action chunk", "finite numbers", chunk.tolist())
         self._chunk = chunk
         self._step = 0
 
@@ -72,10 +72,8 @@ class ExpertHold:
     """
 
     def __init__(self, hold_ticks: int = 0, min_weight: float = 0.0):
-        if hold_ticks < 0:
-            raise ValueError(f"expert_hold_ticks: expected an integer >= 0, got {hold_ticks}")
-        if not 0.0 <= min_weight <= 1.0:
-            raise ValueError(f"expert_hold_min_weight: expected a number in [0, 1], got {min_weight}")
+        check_int("expert_hold_ticks", hold_ticks, 0)
+        check_float("expert_hold_min_weight", min_weight, 0.0, 1.0)
         self.hold_ticks = hold_ticks
         self.min_weight = min_weight
         self.expert: int | None = None

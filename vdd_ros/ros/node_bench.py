@@ -14,14 +14,13 @@ control tick at its priority. The node runs with its own defaults (heap frozen a
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-from vdd_ros.files import save_figure
+from vdd_ros.files import save_figure, write_json
 
 
 def add_arguments(parser) -> None:
@@ -49,6 +48,47 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--plot", default="bench_node.png",
                         help="histogram of tick periods and inference times (PNG; empty string: no plot)")
+
+
+def describe_machine() -> dict:
+    """The machine a timing was taken on: CPU model, cores, cores this process may use, load average now.
+
+    Printed beside every timing table of ``vdd bench`` and stored in its JSON, so a quoted figure
+    carries the machine it was measured on.
+    """
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                # x86: "model name"; ARM: "Model" (the board) or "Hardware"
+                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                    cpu = value.strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    try:
+        load = [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"cpu": cpu or platform.processor() or platform.machine(), "arch": platform.machine(),
+            "cores": os.cpu_count(), "usable_cores": usable, "load_average_1_5_15_min": load,
+            "python": f"{platform.python_implementation()} {platform.python_version()}"}
+
+
+def machine_line(machine: dict) -> str:
+    """One line for a report: ``machine: CPU, N cores (M usable), load average a b c at start``."""
+    cores = f"{machine['cores']} cores"
+    if machine["usable_cores"] != machine["cores"]:
+        cores += f" ({machine['usable_cores']} usable)"
+    load = machine["load_average_1_5_15_min"]
+    load_text = "load average " + " ".join(f"{v:.2f}" for v in load) + " (1/5/15 min) at start" if load else \
+        "load average unknown"
+    return f"machine: {machine['cpu']}, {cores}, {load_text}"
 
 
 def _stats_ms(seconds) -> dict:
@@ -92,6 +132,7 @@ def run(args) -> int:
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.realtime - 1))
         except PermissionError:
             raise ValueError(f"--realtime {args.realtime}: SCHED_FIFO needs root or CAP_SYS_NICE") from None
+    machine = describe_machine()  # the load average before the benchmark's own processes start
     domain = args.domain_id if args.domain_id is not None else int(os.environ.get("ROS_DOMAIN_ID", "42"))
     env = ros_environment(domain)
     os.environ.update({k: env[k] for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_DOMAIN_ID")})
@@ -141,17 +182,17 @@ def run(args) -> int:
     overrun = sum(w > period for w in work)
     ticks = len(work) + stale
     result = {
-        "model": str(model), "kind": kind, "target_rate_hz": args.rate, "seconds": args.seconds,
+        "model": str(model), "kind": kind, "rate_hz": args.rate, "seconds": args.seconds,
         "replan_every": args.replan_every, "ticks": ticks, "expected_ticks": int(args.rate * args.seconds),
         "achieved_rate_hz": round(len(periods) / sum(periods), 3) if periods else 0.0,
         "tick_period": _stats_ms(periods), "tick_work": _stats_ms(work), "inference": _stats_ms(inference),
-        "late_ticks": int(late), "late_ticks_at_s": late_at[:100], "overrun_ticks": int(overrun), "deadline_misses": int(late + overrun),
+        "late_ticks": int(late), "late_ticks_at_s": late_at[:100], "overrun_ticks": int(overrun),
+        "deadline_misses": int(late + overrun),
         "stale_skips": int(stale), "scheduling": f"SCHED_FIFO {args.realtime}" if args.realtime else "normal",
         "sim_scheduling": f"SCHED_FIFO {sim_priority}" if sim_priority else "normal",
-        "gc_frozen": frozen, "memory_locked": locked,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
-                   f"{platform.python_version()}",
+        "gc_frozen": frozen, "memory_locked": locked, "machine": machine,
     }
+    print(machine_line(machine))
     print(f"{'':16}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}{'n':>9}")
     for label, key in (("tick period", "tick_period"), ("tick work", "tick_work"), ("inference", "inference")):
         row = result[key]
@@ -164,39 +205,34 @@ def run(args) -> int:
     if late_at:
         print(f"late ticks at (s into the run): {late_at[:20]}{' ...' if len(late_at) > 20 else ''}")
     if args.json:
-        _write_json(result, args.json)
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
     if args.plot:
-        _plot(periods, inference, period, args.plot, f"policy node at {args.rate:g} Hz ({kind}, {result['machine']})")
-        print(f"plot: {args.plot}")
+        _plot(periods, inference, period, LATE_TICK_FACTOR, args.plot,
+              f"policy node at {args.rate:g} Hz ({kind})\n{machine_line(machine)}")
+        print(f"wrote {args.plot}")
     return 0
 
 
-def _write_json(result: dict, path: str) -> None:
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _plot(periods, inference, period, path: str, title: str) -> None:
+def _plot(periods, inference, period, late_factor: float, path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].hist(np.asarray(periods) * 1e3, bins=100, color="tab:blue")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    for ax, values, color in ((axes[0], periods, "tab:blue"), (axes[1], inference, "tab:green")):
+        if len(values):
+            ax.hist(np.asarray(values) * 1e3, bins=100, color=color)
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no samples", transform=ax.transAxes, ha="center")
+        ax.set_ylabel("ticks" if ax is axes[0] else "model calls")
     axes[0].axvline(period * 1e3, color="black", ls="--", label="nominal period")
-    axes[0].axvline(1.5 * period * 1e3, color="red", ls=":", label="late (1.5 periods)")
-    axes[0].set_yscale("log")
+    axes[0].axvline(late_factor * period * 1e3, color="red", ls=":", label=f"late ({late_factor:g} periods)")
     axes[0].set_xlabel("tick period [ms]")
-    axes[0].legend()
-    axes[1].hist(np.asarray(inference) * 1e3, bins=100, color="tab:green")
-    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
     axes[1].set_xlabel("model call [ms]")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     save_figure(fig, path, dpi=100)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from vdd_ros.spec import ModelSpec
+from vdd_ros.validation import check_int
 
 
 class ObservationError(ValueError):
@@ -144,8 +145,7 @@ class ObservationHistory:
     """
 
     def __init__(self, history: int, obs_step_dim: int):
-        if history < 1:
-            raise ValueError(f"history: expected an integer >= 1, got {history}")
+        check_int("history", history, 1)
         self.history = history
         self.obs_step_dim = obs_step_dim
         self._frames: deque[np.ndarray] = deque(maxlen=history)

@@ -13,13 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+from vdd_ros.validation import check_choice, check_int
+
 NODE_MODULES = {"policy_node": "vdd_ros.ros.policy_node", "arm_sim_node": "vdd_ros.ros.arm_sim_node"}
 
 
 def ros_environment(domain_id: int, base: dict | None = None) -> dict:
     """A copy of the environment that keeps DDS on this machine, in ``domain_id``, one thread per process."""
-    if not 0 <= domain_id <= 101:
-        raise ValueError(f"ROS_DOMAIN_ID: expected 0..101, got {domain_id}")
+    check_int("ROS_DOMAIN_ID", domain_id, 0, 101)
     env = dict(os.environ if base is None else base)
     env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     env["ROS_DOMAIN_ID"] = str(domain_id)
@@ -50,10 +51,9 @@ class NodeProcess:
                  realtime_priority: int | None = None):
         """``realtime_priority``: None inherits this process's scheduling, 0 is normal scheduling
         (SCHED_OTHER), 1..99 SCHED_FIFO at that priority (set in the child before it starts)."""
-        if realtime_priority is not None and not 0 <= realtime_priority <= 99:
-            raise ValueError(f"realtime_priority: expected 0..99 or None, got {realtime_priority}")
-        if executable not in NODE_MODULES:
-            raise ValueError(f"executable: expected one of {sorted(NODE_MODULES)}, got '{executable}'")
+        if realtime_priority is not None:
+            check_int("realtime_priority", realtime_priority, 0, 99)
+        check_choice("executable", executable, sorted(NODE_MODULES))
         command = [sys.executable, "-m", NODE_MODULES[executable], "--ros-args"]
         for path in params_files:
             command += ["--params-file", str(path)]

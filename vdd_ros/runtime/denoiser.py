@@ -11,16 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from vdd_ros.runtime.errors import InputError, ModelLoadError, PolicyError
+from vdd_ros.runtime.errors import ArgumentError, InputError, ModelLoadError, PolicyError
 from vdd_ros.runtime.format import ROLE_TEACHER_DENOISER
 from vdd_ros.runtime.policy import check_observations
 from vdd_ros.runtime.session import native_reason, one_line, open_model
+from vdd_ros.validation import check_int
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, rho: float, n_steps: int) -> np.ndarray:
     """``(sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` for i < N, then 0."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
-        raise InputError(f"n_steps: expected an integer >= 1, got {n_steps!r}")
+    check_int("n_steps", n_steps, 1, error=ArgumentError)
     ramp = np.linspace(0.0, 1.0, n_steps) if n_steps > 1 else np.zeros(1)
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     return np.append((hi + ramp * (lo - hi)) ** rho, 0.0).astype(np.float32)

@@ -1,6 +1,8 @@
 """One-line exceptions of the runtime (all ValueErrors, so ``vdd`` prints them without a trace)."""
 from __future__ import annotations
 
+from vdd_ros.validation import FieldError
+
 
 class PolicyError(ValueError):
     """Base class of every error the runtime raises on purpose."""
@@ -20,3 +22,11 @@ class DeviceError(ModelLoadError):
 
 class InputError(PolicyError):
     """An observation (or another argument of act) of the wrong shape, dtype or value."""
+
+
+class SettingError(ModelLoadError, FieldError):
+    """A loading setting out of range, as ``<field>: expected <what>, got <actual>`` (a ModelLoadError)."""
+
+
+class ArgumentError(InputError, FieldError):
+    """An argument out of range, as ``<field>: expected <what>, got <actual>`` (an InputError)."""

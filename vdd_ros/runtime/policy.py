@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from vdd_ros.runtime.binding import BoundCall
-from vdd_ros.runtime.errors import InputError, ModelLoadError, PolicyError
+from vdd_ros.runtime.errors import ArgumentError, InputError, ModelLoadError, PolicyError
 from vdd_ros.runtime.format import ROLE_STUDENT, ROLE_TEACHER_DENOISER
 from vdd_ros.runtime.session import OpenedModel, native_reason, one_line, open_model
 from vdd_ros.spec import ModelSpec
+from vdd_ros.validation import check_float
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,7 @@ class Policy:
 
     @noise_scale.setter
     def noise_scale(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise InputError(f"noise_scale: expected a finite number >= 0, got {value!r}")
+        check_float("noise_scale", value, 0, error=ArgumentError)
         if value > 0 and self._role != ROLE_STUDENT:
             raise InputError(f"noise_scale: the teacher draws its own noise, expected 0, got {value!r}")
         self._noise_scale = float(value)

@@ -13,10 +13,19 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from vdd_ros.runtime.errors import DeviceError, ModelLoadError, ModelNotFoundError
-from vdd_ros.runtime.format import (EXPORT_FORMAT_VERSION, GRAPH_INPUTS, GRAPH_OUTPUTS, GRAPH_ROLES, META_FORMAT,
-                                    META_ROLE, META_SPEC, ROLE_MODEL_KINDS)
+from vdd_ros.runtime.errors import DeviceError, ModelLoadError, ModelNotFoundError, SettingError
+from vdd_ros.runtime.format import (
+    EXPORT_FORMAT_VERSION,
+    GRAPH_INPUTS,
+    GRAPH_OUTPUTS,
+    GRAPH_ROLES,
+    META_FORMAT,
+    META_ROLE,
+    META_SPEC,
+    ROLE_MODEL_KINDS,
+)
 from vdd_ros.spec import ModelSpec, SpecError
+from vdd_ros.validation import check_int
 
 LOG = logging.getLogger("vdd_ros.runtime")
 CPU = "CPUExecutionProvider"
@@ -60,8 +69,7 @@ def parse_device(device: str) -> tuple[str, int]:
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
     """Options for the lowest per-call latency of a small model on a busy CPU (measured: bench)."""
-    if isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) or intra_op_threads < 1:
-        raise ModelLoadError(f"intra_op_threads: expected an integer >= 1, got {intra_op_threads!r}")
+    intra_op_threads = check_int("intra_op_threads", intra_op_threads, 1, error=SettingError)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

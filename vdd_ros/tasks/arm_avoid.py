@@ -20,13 +20,15 @@ held for ``PHYSICS_RATE_HZ // CONTROL_RATE_HZ`` ticks. ``ArmSim`` steps a batch 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from vdd_ros.spec import ModelSpec, Normalization, ObservationField
+from vdd_ros.data.dataset import DemoDataset
 from vdd_ros.files import save_figure
+from vdd_ros.spec import ModelSpec, Normalization, ObservationField
+from vdd_ros.validation import check_int, fail
 
 TASK_NAME = "arm_avoid"
 JOINT_NAMES = ("joint_1", "joint_2", "joint_3")
@@ -161,8 +163,7 @@ def route_from_crossings(crossing_x: Sequence[float], config: ArmAvoidConfig = D
 
 def route_gaps(route: int) -> list[int]:
     """Gap index at each row for a route id (inverse of ``route_from_crossings``)."""
-    if not 0 <= route < N_ROUTES:
-        raise ValueError(f"route: expected 0..{N_ROUTES - 1}, got {route}")
+    check_int("route", route, 0, N_ROUTES - 1)
     turns = [(route >> (N_ROWS - 1 - k)) & 1 for k in range(N_ROWS)]
     return list(np.cumsum(turns))
 
@@ -246,9 +247,9 @@ class ArmSim:
         """One physics tick towards targets ``[B, 3]`` (clipped to the joint limits)."""
         target = np.clip(np.asarray(q_target, dtype=np.float64), self._lower, self._upper)
         if target.shape != self.q.shape:
-            raise ValueError(f"q_target: expected shape {self.q.shape}, got {target.shape}")
+            fail("q_target", f"shape {list(self.q.shape)}", list(target.shape))
         if not np.all(np.isfinite(target[~self.done])):
-            raise ValueError("q_target: expected finite joint targets, got NaN or inf")
+            fail("q_target", "finite joint targets", target[~self.done].tolist())
         active = ~self.done
         qdot = np.clip(self.config.servo_gain * (target - self.q), -self._vmax, self._vmax)
         # gain * dt < 1 and the target is inside the limits, so q never overshoots a limit
@@ -269,7 +270,8 @@ class ArmSim:
         # first upward crossing of each row, interpolated between ticks
         up = (ee_old[:, None, 1] < self._row_y) & (ee_new[:, None, 1] >= self._row_y)
         dy = np.where(up, ee_new[:, None, 1] - ee_old[:, None, 1], 1.0)
-        x_cross = ee_old[:, None, 0] + (self._row_y - ee_old[:, None, 1]) / dy * (ee_new[:, None, 0] - ee_old[:, None, 0])
+        x_cross = ee_old[:, None, 0] + (self._row_y - ee_old[:, None, 1]) / dy \
+            * (ee_new[:, None, 0] - ee_old[:, None, 0])
         record = up & np.isnan(self.crossing_x) & active[:, None]
         self.crossing_x = np.where(record, x_cross, self.crossing_x)
         dist = np.linalg.norm(ee_new[:, None, :] - self._obstacles[None], axis=-1)
@@ -390,10 +392,9 @@ def rollout(policy: Callable[[np.ndarray], np.ndarray], n_episodes: int, seed: i
     A policy with a ``start_batch(n, rng)`` method is told before each batch of ``n`` new episodes.
     """
     config = config or DEFAULT_CONFIG
-    if history < 1:
-        raise ValueError(f"history: expected an integer >= 1, got {history}")
-    if execute_steps is not None and execute_steps < 1:
-        raise ValueError(f"execute_steps: expected an integer >= 1 or None, got {execute_steps}")
+    check_int("history", history, 1)
+    if execute_steps is not None:
+        check_int("execute_steps", execute_steps, 1)
     rng = np.random.default_rng(seed)
     starts = ArmSim(config, 1).sample_start(rng, n_episodes)
     parts = []
@@ -412,8 +413,7 @@ def rollout(policy: Callable[[np.ndarray], np.ndarray], n_episodes: int, seed: i
             window = np.stack([frames[max(len(frames) - history + k, 0)] for k in range(history)], axis=1)
             actions = np.asarray(policy(window), dtype=np.float64)
             if actions.ndim != 3 or actions.shape[0] != len(q0) or actions.shape[2] != len(JOINT_NAMES):
-                raise ValueError(f"policy output: expected shape [{len(q0)}, H, {len(JOINT_NAMES)}], "
-                                 f"got {list(actions.shape)}")
+                fail("policy output", f"shape [{len(q0)}, H, {len(JOINT_NAMES)}]", list(actions.shape))
             steps = actions.shape[1] if execute_steps is None else min(execute_steps, actions.shape[1])
             for step in range(steps):
                 for _ in range(TICKS_PER_CONTROL):
@@ -565,10 +565,7 @@ def generate_demonstrations(n_episodes: int, seed: int, config: ArmAvoidConfig |
     joint target: the IK solution of the planned EE point one servo lag ahead, so the lagging
     servo tracks the planned path.
     """
-    from vdd_ros.data.dataset import DemoDataset
-
-    if n_episodes < 1:
-        raise ValueError(f"n_episodes: expected an integer >= 1, got {n_episodes}")
+    check_int("n_episodes", n_episodes, 1)
     config = config or DEFAULT_CONFIG
     rng = np.random.default_rng(seed)
     routes = rng.permutation(np.resize(np.arange(N_ROUTES), n_episodes))
@@ -603,7 +600,7 @@ def generate_demonstrations(n_episodes: int, seed: int, config: ArmAvoidConfig |
                 sim.step_physics(q_cmd)
             step += 1
         alive, obs_steps, act_steps = np.stack(alive, 1), np.stack(obs_steps, 1), np.stack(act_steps, 1)
-        for j, i in enumerate(idx):
+        for j in range(len(idx)):
             n = int(alive[j].sum())
             observations.append(obs_steps[j, :n])
             actions.append(act_steps[j, :n])
@@ -620,12 +617,12 @@ def generate_demonstrations(n_episodes: int, seed: int, config: ArmAvoidConfig |
 
 
 # --- plots -------------------------------------------------------------------------------
-def _route_colors():
+def route_colors():
+    """One colour per route: tab20 without its reds and greys, which would read as collisions and failures."""
     import matplotlib
 
     cmap = matplotlib.colormaps["tab20"]
-    # tab20 without its two greys, which would read as failures
-    return [cmap(i) for i in range(20) if i not in (14, 15)][:N_ROUTES]
+    return [cmap(i) for i in range(20) if i not in (6, 7, 14, 15)][:N_ROUTES]
 
 
 def draw_workspace(ax, config: ArmAvoidConfig = DEFAULT_CONFIG, q_start: np.ndarray | None = None) -> None:
@@ -668,7 +665,7 @@ def plot_rollouts(paths_by_label, path: str, title: str = "arm_avoid rollouts",
         else:
             ee_paths, routes = value
             panels[label] = (list(ee_paths), list(routes))
-    colors = _route_colors()
+    colors = route_colors()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5.8), squeeze=False)
     for ax, (label, (ee_paths, routes)) in zip(axes[0], panels.items()):
         draw_workspace(ax, config)

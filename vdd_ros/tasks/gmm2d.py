@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from vdd_ros.files import save_figure
+from vdd_ros.validation import fail
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 
@@ -29,9 +30,9 @@ def _sigma_column(sigma, n: int) -> np.ndarray:
         sig = np.full(n, float(sig))
     sig = sig.reshape(-1)
     if sig.size != n:
-        raise ValueError(f"sigma: expected a number or {n} numbers, got {sig.size} numbers")
+        fail("sigma", f"a number or {n} numbers", f"{sig.size} numbers")
     if not np.all(np.isfinite(sig)) or np.any(sig < 0):
-        raise ValueError(f"sigma: expected finite numbers >= 0, got min {sig.min()!r}")
+        fail("sigma", "finite numbers >= 0", float(sig.min()))
     return sig[:, None]
 
 
@@ -41,14 +42,14 @@ class GaussianMixture:
     def __init__(self, means, stds, weights=None):
         self.means = np.asarray(means, dtype=np.float64)
         if self.means.ndim != 2 or self.means.shape[0] < 1:
-            raise ValueError(f"means: expected shape [K, d] with K >= 1, got shape {self.means.shape}")
+            fail("means", "shape [K, d] with K >= 1", list(self.means.shape))
         n_modes = self.means.shape[0]
         self.stds = np.broadcast_to(np.asarray(stds, dtype=np.float64), (n_modes,)).copy()
         if np.any(self.stds <= 0) or not np.all(np.isfinite(self.stds)):
-            raise ValueError(f"stds: expected {n_modes} finite numbers > 0, got {self.stds.tolist()}")
+            fail("stds", f"{n_modes} finite numbers > 0", self.stds.tolist())
         weights = np.full(n_modes, 1.0 / n_modes) if weights is None else np.asarray(weights, dtype=np.float64)
         if weights.shape != (n_modes,) or np.any(weights <= 0) or abs(weights.sum() - 1.0) > 1e-6:
-            raise ValueError(f"weights: expected {n_modes} positive numbers summing to 1, got {weights.tolist()}")
+            fail("weights", f"{n_modes} positive numbers summing to 1", weights.tolist())
         self.weights = weights
 
     @property
@@ -61,13 +62,13 @@ class GaussianMixture:
 
     # --- constructors --------------------------------------------------------------
     @staticmethod
-    def ring(n_modes: int = 8, radius: float = 2.0, std: float = 0.5) -> "GaussianMixture":
+    def ring(n_modes: int = 8, radius: float = 2.0, std: float = 0.5) -> GaussianMixture:
         """Equal-weight modes evenly spaced on a circle (the paper's 2-D check)."""
         angles = 2.0 * np.pi * np.arange(n_modes) / n_modes
         return GaussianMixture(radius * np.stack([np.cos(angles), np.sin(angles)], 1), std)
 
     @staticmethod
-    def unequal_weights() -> "GaussianMixture":
+    def unequal_weights() -> GaussianMixture:
         """Four well-separated modes with weights 0.4, 0.3, 0.2, 0.1."""
         means = [[2.0, 0.0], [0.0, 2.0], [-2.0, 0.0], [0.0, -2.0]]
         return GaussianMixture(means, 0.4, [0.4, 0.3, 0.2, 0.1])
@@ -77,7 +78,7 @@ class GaussianMixture:
         """``log weights_k + log N(x; means_k, (s_k^2 + sigma^2) I)`` as ``[N, K]``; means ``[K,d]`` or ``[N,K,d]``."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x: expected shape [N, {self.dim}], got shape {x.shape}")
+            fail("x", f"shape [N, {self.dim}]", list(x.shape))
         variances = self.stds[None, :] ** 2 + _sigma_column(sigma, x.shape[0]) ** 2  # [N, K]
         sq_dist = np.sum((x[:, None, :] - means) ** 2, axis=-1)
         return (np.log(self.weights)[None] - 0.5 * sq_dist / variances
@@ -97,7 +98,7 @@ class GaussianMixture:
         """``grad_x log p_sigma(x)`` as ``[N, d]``."""
         return self._score(x, self.means, sigma)
 
-    def blurred(self, sigma: float) -> "GaussianMixture":
+    def blurred(self, sigma: float) -> GaussianMixture:
         """The mixture convolved with ``N(0, sigma^2 I)``."""
         return GaussianMixture(self.means, np.sqrt(self.stds ** 2 + sigma ** 2), self.weights)
 
@@ -125,13 +126,13 @@ class StateConditionalGaussianMixture:
         self.base = base
         self.shift = np.asarray(shift, dtype=np.float64)
         if self.shift.ndim != 2 or self.shift.shape[0] != base.dim:
-            raise ValueError(f"shift: expected shape [{base.dim}, obs_dim], got shape {self.shift.shape}")
+            fail("shift", f"shape [{base.dim}, obs_dim]", list(self.shift.shape))
         obs_dim = self.shift.shape[1]
         rate = np.zeros(obs_dim) if rotation_rate is None else np.asarray(rotation_rate, dtype=np.float64)
         if rate.shape != (obs_dim,):
-            raise ValueError(f"rotation_rate: expected shape [{obs_dim}], got shape {rate.shape}")
+            fail("rotation_rate", f"shape [{obs_dim}]", list(rate.shape))
         if np.any(rate != 0) and base.dim != 2:
-            raise ValueError(f"rotation_rate: expected zeros for a {base.dim}-D mixture (rotation is 2-D only)")
+            fail("rotation_rate", f"zeros for a {base.dim}-D mixture (rotation is 2-D only)", rate.tolist())
         self.rotation_rate = rate
 
     @property
@@ -155,7 +156,7 @@ class StateConditionalGaussianMixture:
         return self.base.stds
 
     @staticmethod
-    def moving_ring(n_modes: int = 8, radius: float = 2.0, std: float = 0.5) -> "StateConditionalGaussianMixture":
+    def moving_ring(n_modes: int = 8, radius: float = 2.0, std: float = 0.5) -> StateConditionalGaussianMixture:
         """The ring, shifted by the 2-D observation and rotated by up to ~22 degrees per unit of s[0]."""
         return StateConditionalGaussianMixture(GaussianMixture.ring(n_modes, radius, std),
                                                shift=np.eye(2), rotation_rate=[np.pi / 8, 0.0])
@@ -163,7 +164,7 @@ class StateConditionalGaussianMixture:
     def _check_obs(self, obs) -> np.ndarray:
         obs = np.asarray(obs, dtype=np.float64)
         if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
-            raise ValueError(f"obs: expected shape [N, {self.obs_dim}], got shape {obs.shape}")
+            fail("obs", f"shape [N, {self.obs_dim}]", list(obs.shape))
         return obs
 
     def means(self, obs) -> np.ndarray:
@@ -202,7 +203,7 @@ def plot_density(mixture: GaussianMixture, path: str, samples: np.ndarray | None
     import matplotlib.pyplot as plt
 
     if mixture.dim != 2:
-        raise ValueError(f"plot_density: expected a 2-D mixture, got dim {mixture.dim}")
+        fail("mixture", "a 2-D mixture", f"dim {mixture.dim}")
     if extent is None:
         extent = float(np.max(np.abs(mixture.means)) + 3.0 * np.max(mixture.stds))
     grid = np.linspace(-extent, extent, 200)
