@@ -5,6 +5,7 @@ simulated arm.
     ros2 launch vdd_ros policy.launch.py with_teacher:=true           # + teacher in shadow, same observations
     ros2 launch vdd_ros policy.launch.py with_teacher:=true driver:=teacher
     ros2 launch vdd_ros policy.launch.py use_sim:=false namespace:=arm model:=/path/to/student.onnx
+    ros2 launch vdd_ros policy.launch.py task:=arm_sort model:=/path/to/arm_sort_student.onnx  # no shipped model
 
 Topics (relative to ``namespace``): ``joint_states`` in, ``commands`` (or ``joint_trajectory``) out.
 The driving policy node publishes the arm's ``commands``; the shadow one publishes the same kind of
@@ -53,7 +54,8 @@ def _nodes(context):
         actions.append(Node(package=PACKAGE, executable="arm_sim_node", name="arm_sim", namespace=namespace,
                             # the first episode waits for every policy node, the shadow included
                             parameters=[LaunchConfiguration("sim_params_file").perform(context),
-                                        {"wait_for_subscribers": len(roles)}],
+                                        {"wait_for_subscribers": len(roles),
+                                         "task": LaunchConfiguration("task").perform(context)}],
                             output="screen", emulate_tty=True))
     shadow = [role for role in roles if role != driver]
     actions.append(LogInfo(msg=f"vdd_ros: {driver} drives" + (f", {shadow[0]} in shadow" if shadow else "")))
@@ -78,6 +80,9 @@ def generate_launch_description():
         DeclareLaunchArgument("driver", default_value="student", choices=list(ROLES),
                               description="Which model commands the arm (the other runs in shadow)"),
         DeclareLaunchArgument("namespace", default_value="", description="Namespace of all nodes"),
+        DeclareLaunchArgument("task", default_value="arm_avoid", choices=["arm_avoid", "arm_sort"],
+                              description="Built-in task the simulated arm runs (arm_sort: give model:= a model "
+                              "of that task; the shipped models are arm_avoid's)"),
         DeclareLaunchArgument("device", default_value="cpu", choices=["auto", "cpu", "cuda"],
                               description="onnxruntime execution provider of the policy nodes"),
     ]

@@ -98,7 +98,7 @@ def test_presets_name_only_real_fields_and_change_only_what_they_say():
 
 
 def test_the_arm_defaults_are_not_the_2d_recipe():
-    """The README's example VDDConfig(n_experts=8) gets the arm task's own-MLP gating, not the 2-D one."""
-    assert VDDConfig(n_experts=8).gating == "own_mlp" and EMConfig().gating == "own_mlp"
+    """The README's example VDDConfig(n_experts=8) gets the arm task's gating (EM's too), not the 2-D one."""
+    assert VDDConfig(n_experts=8).gating == EMConfig().gating != "detached_features"
     assert VDDConfig.preset("gmm2d").gating == "detached_features"
     assert not re.search(r"\bsampler\b", (CONFIG_FOLDER / "teacher.yaml").read_text().replace("Euler sampler", ""))

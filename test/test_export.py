@@ -328,8 +328,15 @@ TINY_TRANSFORMER = BackboneConfig(kind="transformer", embed_dim=16, heads=2, tra
 
 @pytest.mark.parametrize("covariance, gating, backbone, gating_size, folded", [
     ("diagonal", "own_mlp", BackboneConfig(hidden=32, mlp_layers=2), (16, 1), True),
+    ("full", "own_mlp", BackboneConfig(hidden=32, mlp_layers=2, activation="relu"), (16, 2), True),
+    ("diagonal", "detached_features", BackboneConfig(hidden=32, mlp_layers=1, activation="silu"), (0, 0), True),
+    ("diagonal", "detached_mlp", BackboneConfig(hidden=32, mlp_layers=2, activation="relu"), (16, 2), True),
+    ("full", "detached_mlp", BackboneConfig(hidden=32, mlp_layers=2), (8, 1), True),
+    ("diagonal", "detached_mlp", BackboneConfig(hidden=32, mlp_layers=3, activation="silu"), (0, 0), True),
     ("full", "detached_features", TINY_TRANSFORMER, (0, 0), False),
     ("diagonal", "own_mlp", TINY_TRANSFORMER, (0, 0), False),
+    ("diagonal", "detached_mlp", TINY_TRANSFORMER, (16, 2), False),
+    ("full", "detached_mlp", BackboneConfig(**{**TINY_TRANSFORMER.to_dict(), "activation": "relu"}), (8, 1), False),
 ])
 def test_student_export_of_other_architectures_passes_parity(tmp_path, covariance, gating, backbone, gating_size,
                                                              folded):
@@ -342,11 +349,17 @@ def test_student_export_of_other_architectures_passes_parity(tmp_path, covarianc
     report = export.export_student(model.eval(), tiny_spec("vdd_mixture"), tmp_path / "s.onnx")
     assert report.max_error <= export.STUDENT_TOLERANCE and report.experts_identical is True
     nodes = onnx.load(str(tmp_path / "s.onnx")).graph.node
-    # an MLP backbone with an own-MLP gating: both read raw observations (normalisation folded, fast Mish)
+    # an MLP backbone (and an own-MLP gating): read raw observations (normalisation folded, fast Mish)
     reads_obs_raw = [n.op_type for n in nodes if "obs" in n.input] == ["Reshape"]
     assert reads_obs_raw is folded
     if folded:
         assert not {"Sub", "Mish"} & {n.op_type for n in nodes}
+    # the gating's own layers: an own MLP or a head has its Gemms, the linear read-out one
+    gemms = sum(n.op_type == "Gemm" for n in nodes)
+    backbone_gemms = backbone.mlp_layers if backbone.kind == "mlp" else 0
+    gating_gemms = 1 + (gating_size[1] or backbone.mlp_layers if gating != "detached_features" else 0)
+    if backbone.kind == "mlp":
+        assert gemms == backbone_gemms + gating_gemms + 1  # + the mean head
 
 
 def test_student_parity_is_checked_against_the_plain_reference(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from vdd_ros.paths import share_dir
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / "launch" / "policy.launch.py"
 LAUNCH_ARGUMENTS = {"model", "teacher_model", "params_file", "sim_params_file", "use_sim", "with_teacher", "driver",
-                    "namespace", "device"}
+                    "namespace", "device", "task"}
 
 
 def console_scripts() -> dict:

@@ -12,6 +12,7 @@ from vdd_ros.learn.moe import MixtureOfExpertsPolicy
 
 SMALL_MLP = BackboneConfig(kind="mlp", hidden=32, mlp_layers=2)
 SMALL_TRANSFORMER = BackboneConfig(kind="transformer", hidden=32, embed_dim=16, transformer_layers=2, heads=2)
+RELU_MLP = BackboneConfig(kind="mlp", hidden=32, mlp_layers=2, activation="relu")
 
 
 def perturbed_policy(covariance, gating="detached_features", backbone=SMALL_MLP, seed=0):
@@ -25,8 +26,8 @@ def perturbed_policy(covariance, gating="detached_features", backbone=SMALL_MLP,
 
 
 @pytest.mark.parametrize("covariance", ["full", "diagonal"])
-@pytest.mark.parametrize("gating", ["detached_features", "own_mlp"])
-@pytest.mark.parametrize("backbone", [SMALL_MLP, SMALL_TRANSFORMER], ids=["mlp", "transformer"])
+@pytest.mark.parametrize("gating", ["detached_features", "own_mlp", "detached_mlp"])
+@pytest.mark.parametrize("backbone", [SMALL_MLP, SMALL_TRANSFORMER, RELU_MLP], ids=["mlp", "transformer", "relu"])
 def test_log_prob_equals_torch_distributions(covariance, gating, backbone):
     policy = perturbed_policy(covariance, gating, backbone)
     obs, actions = torch.randn(16, 6), torch.randn(16, 4) * 2
@@ -178,6 +179,26 @@ def test_own_gating_mlp_has_its_own_size_and_keeps_it_in_a_checkpoint(tmp_path):
     assert loaded.hyperparameters["gating_hidden"] == 8 and loaded.hyperparameters["gating_layers"] == 1
     obs = torch.randn(5, 3)
     assert torch.equal(loaded.gating_logits(obs, loaded.features(obs)), policy.gating_logits(obs, policy.features(obs)))
+
+
+@pytest.mark.parametrize("backbone", [SMALL_MLP, SMALL_TRANSFORMER], ids=["mlp", "transformer"])
+def test_gating_head_reads_detached_features_and_trains_only_itself(backbone):
+    """detached_mlp: a small MLP head on the backbone's features; the gating loss moves only the head."""
+    policy = MixtureOfExpertsPolicy(3, 2, 4, 5, backbone=backbone, gating="detached_mlp", gating_hidden=8,
+                                    gating_layers=2)
+    linears = [m for m in policy.gating_net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(policy.backbone.out_dim, 8), (8, 8), (8, 5)]
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    obs = torch.randn(6, 6)
+    policy.gating_logits(obs, policy.features(obs)).logsumexp(-1).sum().backward()
+    gating_ids = {id(p) for p in policy.gating_net.parameters()}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.gating_net.parameters())
+    assert all(p.grad is None for p in policy.parameters() if id(p) not in gating_ids)
+    # a ReLU backbone gives its activation to the gating MLP too
+    relu = MixtureOfExpertsPolicy(3, 2, 4, 5, backbone=RELU_MLP, gating="detached_mlp", gating_hidden=8)
+    assert {type(m) for m in relu.modules()} & {torch.nn.Mish, torch.nn.ReLU} == {torch.nn.ReLU}
 
 
 class Components(torch.nn.Module):

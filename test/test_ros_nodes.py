@@ -165,6 +165,65 @@ def test_sim_in_real_time_scores_like_offline_rollouts(tmp_path, domain_id, arm_
     assert agree >= 0.85
 
 
+def train_tiny_sort_student(path, steps: int = 600, seed: int = 0):
+    """A small arm_sort mixture cloned from its scripted demonstrations (winner-takes-all), exported to ONNX:
+    it reads joint positions and the ``visited`` flags the sim publishes on ``task_state``."""
+    import torch
+
+    from vdd_ros.learn.backbones import BackboneConfig
+    from vdd_ros.learn.export import export_student
+    from vdd_ros.learn.moe import MixtureOfExpertsPolicy
+    from vdd_ros.learn.pipeline import prepare_training_data
+    from vdd_ros.tasks import arm_sort
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    data = prepare_training_data(arm_sort.generate_demonstrations(60, seed), 2, 8, "em_mixture")
+    spec = data.spec.replace(model_info={"execute_steps": 4})
+    model = MixtureOfExpertsPolicy(spec.obs_step_dim, 2, spec.act_dim, 3, BackboneConfig(hidden=64, mlp_layers=2),
+                                   covariance="diagonal", mean_init_spread=0.5)
+    obs, act = torch.from_numpy(data.observations), torch.from_numpy(data.actions)
+    optimiser = torch.optim.Adam(model.parameters(), 3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(0, len(obs), (256,), generator=generator)
+        features = model.features(obs[rows])
+        errors = (model.expert_means(features) - act[rows][:, None]).pow(2).mean(-1)
+        best = errors.argmin(-1)
+        loss = errors.gather(1, best[:, None]).mean() + 0.1 * torch.nn.functional.cross_entropy(
+            model.gating_logits(obs[rows], features), best)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    export_student(model, spec, path)
+    return path
+
+
+def test_arm_sort_sim_in_lockstep_scores_exactly_like_offline_rollouts(tmp_path, domain_id):
+    """task:=arm_sort: the sim publishes the visited flags on task_state beside joint_states, the policy node
+    reads both; in lockstep every episode ends as its offline twin (outcome, route, path, duration)."""
+    from vdd_ros.tasks import arm_sort
+
+    model = train_tiny_sort_student(tmp_path / "sort_student.onnx")
+    n = 3
+    results = run_episodes_over_ros(tmp_path, domain_id, model, n, {"lockstep": True, "task": "arm_sort"},
+                                    {"expert_selection": "greedy", "trigger": "observation"}, timeout=120)
+    offline = offline_greedy(model, n, SEED)
+    ros = summarize_results(results, "arm_sort")
+    print(f"over ROS: {ros}\noffline: {offline.to_dict()}")
+    assert ros["n_routes"] == 6
+    assert [r["success"] for r in results] == offline.success.tolist()
+    assert [r["timeout"] for r in results] == offline.timeout.tolist()
+    assert [r["route"] for r in results] == offline.routes
+    ticks = arm_sort.TICKS_PER_CONTROL
+    for result, offline_path in zip(results, offline.ee_paths):
+        ros_path = np.asarray(result["ee_path"])
+        np.testing.assert_allclose(ros_path[:len(offline_path[::ticks])], offline_path[::ticks], atol=1e-4)
+        assert result["duration_s"] == pytest.approx((len(offline_path) - 1) / arm_sort.PHYSICS_RATE_HZ, abs=1e-6)
+    np.testing.assert_allclose([arm_sort.forward_kinematics(np.array(r["start_q"])) for r in results],
+                               [path[0] for path in offline.ee_paths], atol=1e-5)
+
+
 def test_joint_trajectory_output_drives_the_sim(tmp_path, domain_id, arm_student):
     """The chunk as a JointTrajectory (joint_trajectory_controller input): the sim follows it in time."""
     n = 2

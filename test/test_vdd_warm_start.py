@@ -26,7 +26,7 @@ def test_em_warm_start_fits_experts_and_gating_to_the_demonstrations():
     distances = torch.cdist(torch.as_tensor(square.means, dtype=torch.float32), means)
     nearest = distances.argmin(1)
     assert sorted(nearest.tolist()) == [0, 1, 2, 3]  # one expert per mode
-    assert float(distances.min(1).values.max()) < 0.25  # the one VDD step after it moves a mean by ~0.07
+    assert float(distances.min(1).values.max()) < 0.25
     assert weights[nearest].tolist() == pytest.approx([0.4, 0.3, 0.2, 0.1], abs=0.05)
     assert len(model.training_history["warm_start_loss"]) == 300
 
@@ -61,3 +61,86 @@ def test_em_warm_start_without_actions_or_samples_is_refused():
                               samples_per_expert=4, backbone=SMALL_MLP)
     with pytest.raises(ValueError, match="warm_start_iterations: expected 0 without demonstration actions"):
         distill(ScoreOnly(), np.zeros((8, 1), np.float32), None, config, progress=False)
+
+
+def _state_conditional_data(n: int, seed: int):
+    """Two modes whose places move with a 1-D state (so the backbone matters)."""
+    rng = np.random.default_rng(seed)
+    obs = rng.uniform(-1, 1, (n, 1)).astype(np.float32)
+    side = np.where(rng.random(n) < 0.6, 1.0, -1.0)
+    actions = np.stack([obs[:, 0] + side, side * 0.5], 1) + 0.1 * rng.standard_normal((n, 2))
+    return obs, actions.astype(np.float32)
+
+
+def test_warm_start_is_train_em_and_the_warmed_up_first_vdd_step_keeps_it():
+    """VDD's EM warm start is train_em (same code, same settings, same seed: same model), and with
+    lr_warmup_iterations the first VDD step barely moves it; without the ramp a fresh Adam's first
+    step moves every parameter by about the learning rate."""
+    from vdd_ros.learn.configs import EMConfig
+    from vdd_ros.learn.em import train_em
+
+    obs, actions = _state_conditional_data(2048, 0)
+    teacher = AnalyticTeacher(GaussianMixture(np.array([[1.0, 0.5], [-1.0, -0.5]]), 0.1), obs_dim=1)
+    shared = dict(n_experts=3, expert_lr=3e-3, gating_lr=3e-3, backbone=SMALL_MLP, seed=4)
+    em = train_em(obs, actions, EMConfig(iterations=60, batch_size=128, history=1, **shared), progress=False)
+
+    def vdd_after_one_step(warmup: int):
+        config = VDDConfig(iterations=1, warm_start_iterations=60, gating_batch_size=128, samples_per_expert=2,
+                           batch_size=16, lr_warmup_iterations=warmup, validation_every=0, **shared)
+        return distill(teacher, obs, actions, config, progress=False)
+
+    ramped, kicked = vdd_after_one_step(10 ** 6), vdd_after_one_step(0)
+    em_state, kicked_state = em.state_dict(), kicked.state_dict()
+    for name, value in ramped.state_dict().items():
+        assert torch.allclose(value, em_state[name], atol=1e-6), name
+    largest_kick = max(float((kicked_state[name] - em_state[name]).abs().max()) for name in em_state)
+    assert largest_kick > 1e-3  # ~ expert_lr = 3e-3
+
+
+def test_guard_logs_the_validation_signal_every_validation_every_iterations():
+    obs, actions = _state_conditional_data(2048, 1)
+    teacher = AnalyticTeacher(GaussianMixture(np.array([[1.0, 0.5], [-1.0, -0.5]]), 0.1), obs_dim=1)
+    config = VDDConfig(n_experts=3, iterations=40, warm_start_iterations=60, gating_batch_size=128,
+                       samples_per_expert=2, batch_size=16, backbone=SMALL_MLP, validation_every=10,
+                       validation_states=64, seed=2)
+    history = distill(teacher, obs, actions, config, progress=False).training_history
+    records = history["validation"]
+    assert [r["iteration"] for r in records] == [-1, 9, 19, 29, 39]
+    assert all(np.isfinite([r["teacher_nll"], r["displacement"]]).all() for r in records)
+    assert history["validation_actions"] == "teacher samples"
+    assert history["best_iteration"] == min(records, key=lambda r: r["teacher_nll"])["iteration"]
+    assert "VDD guard: validation NLL" in history["guard"]
+
+
+class ElsewhereTeacher(AnalyticTeacher):
+    """A score that pulls every action to one point far from the demonstrations, and no sampler."""
+
+    sample = None
+
+    def __init__(self):
+        super().__init__(GaussianMixture(np.array([[3.0, 3.0]]), 0.1), obs_dim=1)
+
+
+def test_guard_reports_a_degraded_warm_start_and_returns_its_best_state():
+    from vdd_ros.learn.vdd import Guard
+
+    obs, actions = _state_conditional_data(2048, 1)
+    teacher = ElsewhereTeacher()
+    config = VDDConfig(n_experts=3, iterations=60, warm_start_iterations=100, gating_batch_size=128,
+                       samples_per_expert=2, batch_size=16, backbone=SMALL_MLP, validation_every=20,
+                       validation_states=64, expert_lr=1e-2, seed=2)
+    with pytest.warns(RuntimeWarning, match="VDD degraded its warm start: validation NLL .*returning the best"):
+        model = distill(teacher, obs, actions, config, progress=False)
+    history = model.training_history
+    records = history["validation"]
+    assert history["validation_actions"] == "demonstration actions"
+    assert records[-1]["teacher_nll"] > records[0]["teacher_nll"] + 1.0  # pulled off the data
+    best = min(records, key=lambda r: r["teacher_nll"])
+    assert history["returned_iteration"] == best["iteration"] < 59
+    again = Guard(teacher, torch.as_tensor(obs), torch.as_tensor(actions), config, config.seed + 7919)
+    assert again.evaluate(model, 0)["teacher_nll"] == pytest.approx(best["teacher_nll"], abs=1e-5)
+    # without the fallback the degraded last state comes back, still reported
+    config.guard_fallback = False
+    with pytest.warns(RuntimeWarning, match="VDD degraded its warm start"):
+        last = distill(teacher, obs, actions, config, progress=False)
+    assert last.training_history["returned_iteration"] == 59

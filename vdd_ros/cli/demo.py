@@ -6,8 +6,13 @@
    drives the simulated arm, the teacher runs in shadow (its commands go to its own topic),
    started exactly as the launch file starts them (``--ros-args --params-file``);
 3. the episodes' outcomes over ROS next to offline rollouts of the same models
-   (``Policy.act_batch`` + ``tasks.arm_avoid.rollout``), and each model's inference latency,
+   (``Policy.act_batch`` + the task's ``rollout``), and each model's inference latency,
    as a table, a JSON file and a plot.
+
+``--task arm_sort`` runs the second built-in task. No model of it is shipped: give
+``--student FILE.onnx`` (and ``--teacher FILE.onnx`` for the shadow), or
+``--teacher-checkpoint FILE.pt`` (a teacher trained with ``vdd train-teacher --dataset`` on
+``vdd demos --task arm_sort`` data): the student is then distilled from it and both are exported.
 """
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ def register(subparsers) -> None:
         "(arm_sim_node + policy_node processes on localhost) with the student driving and the teacher in "
         "shadow, and print success rate, behaviour entropy and latency over ROS next to offline rollouts of "
         "the same models. Writes DIR/demo.json and DIR/demo.png.")
+    parser.add_argument("--task", default="arm_avoid",
+                        help="built-in task: arm_avoid (shipped models) or arm_sort (needs --student or "
+                        "--teacher-checkpoint) (default: %(default)s)")
     parser.add_argument("--episodes", type=int, default=20, help="episodes over ROS (default: %(default)s)")
     parser.add_argument("--offline-episodes", type=int, default=100,
                         help="episodes of each offline evaluation, same seed (default: %(default)s)")
@@ -74,10 +82,26 @@ def _child_env() -> dict:
 
 
 def choose_student(args, out_dir: Path) -> tuple[Path, str]:
+    from vdd_ros.cli.main import UserError
     from vdd_ros.paths import model_file
 
     if args.student:
         return Path(args.student), "given with --student"
+    task = getattr(args, "task", "arm_avoid")
+    if task != "arm_avoid":
+        # the shipped models are arm_avoid's: another task distils from the teacher checkpoint given
+        if not args.teacher_checkpoint or args.skip_distill:
+            raise UserError(f"--task {task}: no model of this task is shipped; give --student FILE.onnx or "
+                            f"--teacher-checkpoint FILE.pt (without --skip-distill)")
+        if importlib.util.find_spec("torch") is None:
+            raise UserError(f"--task {task} --teacher-checkpoint: distilling needs torch, which is not installed")
+        teacher_checkpoint = Path(args.teacher_checkpoint)
+        if not teacher_checkpoint.is_file():
+            raise UserError(f"--teacher-checkpoint {teacher_checkpoint}: no such file")
+        checkpoint, onnx_file = out_dir / "student.pt", out_dir / "student.onnx"
+        _vdd(["distill", "--teacher", str(teacher_checkpoint), "--out", str(checkpoint)])
+        _vdd(["export", str(checkpoint), "--out", str(onnx_file)])
+        return onnx_file, f"distilled here from {teacher_checkpoint}"
     shipped = model_file("student.onnx")
     if args.skip_distill:
         return shipped, "shipped (--skip-distill)"
@@ -143,18 +167,34 @@ def run(args) -> int:
     if args.episodes < 1 or args.offline_episodes < 1:
         raise UserError(f"--episodes and --offline-episodes: expected integers >= 1, got {args.episodes} and "
                         f"{args.offline_episodes}")
+    from vdd_ros.tasks.registry import TASKS, task_module
+
+    if args.task not in TASKS:
+        raise UserError(f"--task: expected one of {sorted(TASKS)}, got '{args.task}'")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     student, student_source = choose_student(args, out_dir)
     if not student.is_file():
         raise FileNotFoundError(f"student model {student}: no such file ({student_source})")
-    teacher = Path(args.teacher) if args.teacher else model_file("teacher.onnx")
-    if not teacher.is_file():
+    if args.teacher:
+        teacher = Path(args.teacher)
+    elif args.task == "arm_avoid":
+        teacher = model_file("teacher.onnx")
+    elif args.teacher_checkpoint:
+        teacher = out_dir / "teacher.onnx"
+        _vdd(["export", str(args.teacher_checkpoint), "--out", str(teacher)])
+    else:
+        teacher = None
+        if args.driver == "teacher":
+            raise UserError(f"--task {args.task} --driver teacher: give --teacher FILE.onnx or --teacher-checkpoint")
+        print(f"vdd demo: no teacher of task {args.task} given: the student runs alone")
+    if teacher is not None and not teacher.is_file():
         if args.driver == "teacher":
             raise FileNotFoundError(f"teacher model {teacher}: no such file (needed by --driver teacher)")
         print(f"vdd demo: no teacher model at {teacher}: the student runs alone")
         teacher = None
     print(f"vdd demo: student {student} ({student_source}); teacher {teacher or '-'}")
+    _check_model_tasks(args.task, [m for m in (student, teacher) if m is not None])
 
     import rclpy  # noqa: F401  (fails here, with a clear message, where the ROS 2 wheels are missing)
 
@@ -193,7 +233,8 @@ def run(args) -> int:
             raise UserError(f"the policy nodes do not publish {missing} after 60 s; see {out_dir / 'logs'}")
         processes.append(NodeProcess("arm_sim_node", out_dir / "logs" / "arm_sim.log", env,
                                      params_files=[config_file("arm_sim.yaml")],
-                                     parameters={"seed": args.seed, "max_episodes": args.episodes,
+                                     parameters={"task": args.task, "seed": args.seed,
+                                                 "max_episodes": args.episodes,
                                                  "lockstep": args.lockstep,
                                                  "wait_for_subscribers": len(roles)}))
 
@@ -217,7 +258,7 @@ def run(args) -> int:
     greedy = False  # config/policy.yaml: expert_selection sample, as offline
     print(f"vdd demo: offline rollouts of the same models ({args.offline_episodes} episodes, seed {args.seed})")
     offline = {role: offline_evaluation(models[role], args.offline_episodes, args.seed, greedy) for role in roles}
-    ros_metrics = summarize_results(monitor.results)
+    ros_metrics = summarize_results(monitor.results, args.task)
 
     rows = [(f"{args.driver} over ROS (drives)", ros_metrics, latency_summary(monitor.latencies[args.driver]))]
     for role in roles:
@@ -226,8 +267,9 @@ def run(args) -> int:
     for role in roles:
         rows.append((f"{role} offline", offline[role]["metrics"], latency_summary(offline[role]["latency_s"])))
     _print_table(rows)
-    print("latency: over ROS, each plan as the node makes it (one call per 50 ms: cold caches); offline, "
-          "back-to-back Policy.act calls on one window")
+    period_ms = 1000.0 / task_module(args.task).CONTROL_RATE_HZ
+    print(f"latency: over ROS, each plan as the node makes it (one call per {period_ms:g} ms: cold caches); "
+          "offline, back-to-back Policy.act calls on one window")
     gap = _command_gap(monitor.commands[args.driver], monitor.commands[roles[-1]]) if len(roles) == 2 else None
     if gap is not None:
         print(f"mean |{args.driver} - shadow| joint target on the same observations: {gap:.4f} rad")
@@ -236,7 +278,8 @@ def run(args) -> int:
               f"{len(monitor.experts['student'])} plans")
 
     summary = {
-        "student": str(student), "student_source": student_source, "teacher": str(teacher) if teacher else None,
+        "task": args.task, "student": str(student), "student_source": student_source,
+        "teacher": str(teacher) if teacher else None,
         "driver": args.driver, "seed": args.seed, "lockstep": args.lockstep, "ros_seconds": round(ros_seconds, 1),
         "ros": ros_metrics, "ros_episodes": sorted(({k: v for k, v in r.items() if k != "ee_path"}
                                                     for r in monitor.results), key=lambda r: r["episode"]),
@@ -255,8 +298,8 @@ def run(args) -> int:
     latencies = {f"{role} over ROS": monitor.latencies[role] for role in roles}
     latencies.update({f"{role} offline": offline[role]["latency_s"] for role in roles})
     plot_path = plot_demo(out_dir / "demo.png", panels, latencies,
-                          f"vdd demo: arm_avoid over ROS 2 ({args.driver} drives) vs offline rollouts, "
-                          f"seed {args.seed}")
+                          f"vdd demo: {args.task} over ROS 2 ({args.driver} drives) vs offline rollouts, "
+                          f"seed {args.seed}", task=args.task)
     print(f"vdd demo: {json_path}, {plot_path}; node logs in {out_dir / 'logs'}")
     if any(codes):
         raise UserError(f"a node did not shut down cleanly (exit statuses {codes}); see {out_dir / 'logs'}")
@@ -280,7 +323,18 @@ def _print_table(rows) -> None:
               f"{fmt(latency['p50_ms'], '{:.3f}'):>9}{fmt(latency['p99_ms'], '{:.3f}'):>9}{latency['calls']:>7}")
 
 
-def plot_demo(path: Path, panels, latencies: dict, title: str) -> Path:
+def _check_model_tasks(task: str, models) -> None:
+    """Every model must be one of ``task`` (its spec's task; a spec naming no task counts as arm_avoid)."""
+    from vdd_ros.cli.main import UserError
+    from vdd_ros.runtime import load_policy
+
+    for model in models:
+        named = load_policy(model, device="cpu").spec.task or "arm_avoid"
+        if named != task:
+            raise UserError(f"model {model}: expected a model of task '{task}' (--task), got '{named}'")
+
+
+def plot_demo(path: Path, panels, latencies: dict, title: str, task: str = "arm_avoid") -> Path:
     """The demo figure: one workspace panel per run, a legend for routes and failures, and the latency CDFs.
 
     ``panels``: [(title, ee_paths, routes, collisions)], a route None where the episode failed;
@@ -295,14 +349,15 @@ def plot_demo(path: Path, panels, latencies: dict, title: str) -> Path:
     from matplotlib.patches import Patch
 
     from vdd_ros.files import save_figure
-    from vdd_ros.tasks import arm_avoid
+    from vdd_ros.tasks.registry import task_module
 
-    colors = arm_avoid.route_colors()
+    arm_task = task_module(task)
+    colors = arm_task.route_colors()
     fig = plt.figure(figsize=(5.0 * len(panels), 9.6), layout="constrained")
     grid = fig.add_gridspec(2, len(panels), height_ratios=(1.35, 1.0))
     for column, (label, ee_paths, routes, collisions) in enumerate(panels):
         ax = fig.add_subplot(grid[0, column])
-        arm_avoid.draw_workspace(ax)
+        arm_task.draw_workspace(ax)
         for ee_path, route, collided in zip(ee_paths, routes, collisions):
             ee_path = np.asarray(ee_path)
             if route is not None:
@@ -314,7 +369,7 @@ def plot_demo(path: Path, panels, latencies: dict, title: str) -> Path:
                     ms=7, mew=2, mfc="none", zorder=4)
         ok = [r for r in routes if r is not None]
         ax.set_title(f"{label}\n{len(ok)}/{len(routes)} success, {sum(collisions)} collided, "
-                     f"{len(set(ok))}/{arm_avoid.N_ROUTES} routes, entropy {arm_avoid.behaviour_entropy(ok):.2f}",
+                     f"{len(set(ok))}/{arm_task.N_ROUTES} routes, entropy {arm_task.behaviour_entropy(ok):.2f}",
                      fontsize=9)
 
     ax = fig.add_subplot(grid[1, : max(1, len(panels) - 1)])
@@ -339,17 +394,23 @@ def plot_demo(path: Path, panels, latencies: dict, title: str) -> Path:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False)
 
     legend_ax = fig.add_subplot(grid[1, -1]) if len(panels) > 1 else None
-    handles = [Patch(color=colors[route], label=f"route {route}") for route in range(arm_avoid.N_ROUTES)]
+    handles = [Patch(color=colors[route], label=f"route {arm_task.route_label(route)}")
+               for route in range(arm_task.N_ROUTES)]
     handles += [Line2D([], [], color="black", ls="--", lw=1.0, label="failed episode"),
                 Line2D([], [], color="red", marker="x", ls="none", ms=7, mew=2, label="collision (end point)"),
                 Line2D([], [], color="black", marker="o", mfc="none", ls="none", ms=7, mew=2,
-                       label="time-out (end point)"),
-                Line2D([], [], color="green", ls="--", lw=2, label="finish line"),
-                Line2D([], [], color="black", marker="o", ls="none", ms=8, label="obstacle (grey: EE radius)")]
+                       label="time-out (end point)")]
+    if task == "arm_avoid":
+        handles += [Line2D([], [], color="green", ls="--", lw=2, label="finish line"),
+                    Line2D([], [], color="black", marker="o", ls="none", ms=8, label="obstacle (grey: EE radius)")]
+    else:
+        handles += [Line2D([], [], color="0.8", marker="o", ls="none", ms=8, label="target (its radius)")]
     if legend_ax is not None:
         legend_ax.axis("off")
         legend_ax.legend(handles=handles, ncol=2, fontsize=8, loc="center", frameon=False,
-                         title="end-effector paths: colour = route through the obstacle rows", title_fontsize=8)
+                         title="end-effector paths: colour = route" + (" through the obstacle rows" if task ==
+                                                                         "arm_avoid" else " (visiting order)"),
+                         title_fontsize=8)
     else:
         ax.legend(handles=handles, ncol=3, fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=11)

@@ -205,11 +205,13 @@ def register(subparsers) -> None:
     em.set_defaults(func=run_train_em)
 
     evaluate = subparsers.add_parser(
-        "eval", help="roll out teacher/student/EM checkpoints on the built-in task and compare them",
-        description="Closed-loop rollouts of any mix of checkpoints on the built-in arm task. Prints one "
-        "table (success, route entropy, collisions, network evaluations and time per action), writes it "
-        "as JSON and the rollouts as a PNG (one panel per model, paths coloured by route). The teacher "
-        "samples with Euler steps, as its exported ONNX graph does.")
+        "eval", help="roll out teacher/student/EM checkpoints on their built-in task and compare them",
+        description="Closed-loop rollouts of any mix of checkpoints of one built-in task (the task named in "
+        "their spec: arm_avoid or arm_sort). Prints one table (success, route entropy, routes covered, "
+        "collisions, timeouts, network evaluations and time per action; under a mixture its greedy policy "
+        "and each expert forced alone, on --expert-episodes episodes), writes it as JSON and the rollouts "
+        "as a PNG (one panel per model, paths coloured by route). The teacher samples with Euler steps, "
+        "as its exported ONNX graph does.")
     evaluate.add_argument("--teacher", help="diffusion teacher checkpoint")
     evaluate.add_argument("--student", help="VDD student checkpoint")
     evaluate.add_argument("--em", help="EM baseline checkpoint")
@@ -224,6 +226,9 @@ def register(subparsers) -> None:
                           help="actions of each chunk executed before re-planning (default: from the checkpoint)")
     evaluate.add_argument("--timing-repeats", type=int, default=100,
                           help="single-observation calls timed per model (default: %(default)s)")
+    evaluate.add_argument("--expert-episodes", type=int, default=50,
+                          help="episodes of a mixture's greedy policy and of each expert forced alone, rows "
+                          "under the mixture's (0: none; default: %(default)s)")
     evaluate.add_argument("--json", default="eval.json", help="table as JSON (default: %(default)s)")
     evaluate.add_argument("--plot", default="eval_rollouts.png", help="rollout figure (default: %(default)s)")
     evaluate.set_defaults(func=run_eval)
@@ -379,7 +384,8 @@ def run_eval(args) -> int:
     if not chosen:
         raise ValueError("eval: expected at least one of --teacher, --student, --em, got none")
     for name, value, low in (("--episodes", args.episodes, 1), ("--seed", args.seed, 0),
-                             ("--timing-repeats", args.timing_repeats, 1)):
+                             ("--timing-repeats", args.timing_repeats, 1),
+                             ("--expert-episodes", args.expert_episodes, 0)):
         if value < low:
             raise ValueError(f"{name}: expected an integer >= {low}, got {value}")
     if args.n_steps is not None and args.n_steps < 1:
@@ -391,6 +397,7 @@ def run_eval(args) -> int:
     _torch_setup()
     from vdd_ros.files import write_json
     from vdd_ros.learn.checkpoint import load_checkpoint
+    from vdd_ros.tasks.registry import TASKS, task_module
 
     expected_kind = {"teacher": ("diffusion_teacher",), "student": ("vdd_mixture", "em_mixture"),
                      "em": ("em_mixture", "vdd_mixture")}
@@ -400,64 +407,106 @@ def run_eval(args) -> int:
         if checkpoint.kind not in expected_kind[label]:
             raise ValueError(f"--{label} {path}: expected a {' or '.join(expected_kind[label])} checkpoint, "
                              f"got {checkpoint.kind}")
+        task = checkpoint.spec.task
+        if task not in TASKS:
+            raise ValueError(f"--{label} {path}: expected a model of a built-in task {sorted(TASKS)}, got '{task}'")
+        if loaded and task != loaded[0][2].spec.task:
+            raise ValueError(f"--{label} {path}: expected a model of task '{loaded[0][2].spec.task}' (as "
+                             f"--{loaded[0][0]}), got '{task}'")
         loaded.append((label, path, checkpoint))
+    task = task_module(loaded[0][2].spec.task)
     rows, results = evaluate_checkpoints(loaded, args)
-    print(format_table(rows))
-    write_json(args.json, {"episodes": args.episodes, "seed": args.seed, "models": rows})
-    from vdd_ros.tasks.arm_avoid import plot_rollouts
-
+    print(format_table(rows, task.N_ROUTES))
+    write_json(args.json, {"task": task.TASK_NAME, "episodes": args.episodes, "seed": args.seed,
+                           "expert_episodes": args.expert_episodes, "models": rows})
     # the run's settings go into each panel title (a figure title would overlap them)
-    plot_rollouts({f"{row['model']} ({row['kind']}, NFE {row['network_evaluations_per_action']}), "
-                   f"seed {args.seed}": result for row, result in zip(rows, results)}, args.plot, title="")
+    task.plot_rollouts({f"{row['model']} ({row['kind']}, NFE {row['network_evaluations_per_action']}), "
+                        f"seed {args.seed}": result for row, result in zip(rows, results)}, args.plot, title="")
     print(f"wrote {args.json} and {args.plot}")
     return 0
 
 
+def _rollout_row(result) -> dict:
+    data = result.to_dict()
+    data.pop("n_routes", None)
+    # arm_avoid's result has no timeout field: an episode that neither succeeded nor collided timed out
+    data.setdefault("timeout_rate", float(max(0.0, 1.0 - data["success_rate"] - data["collision_rate"])))
+    return data
+
+
 def evaluate_checkpoints(loaded, args):
-    """Rollouts and single-observation latency of every checkpoint; ``(rows, rollout results)``."""
-    import numpy as np
+    """Rollouts and single-observation latency of every checkpoint; ``(rows, rollout results)``.
 
+    The task is the checkpoint's own (``spec.task``). A mixture's row also holds ``greedy`` (the
+    argmax expert at every state) and ``experts`` (each expert forced alone) over
+    ``args.expert_episodes`` episodes (0: none): success / collision / timeout of each.
+    """
     from vdd_ros.learn.pipeline import policy_for_checkpoint, time_per_action
-    from vdd_ros.tasks import arm_avoid
+    from vdd_ros.tasks.registry import task_module
 
+    expert_episodes = getattr(args, "expert_episodes", 0)
     rows, results = [], []
     for label, path, checkpoint in loaded:
         spec = checkpoint.spec
-        if spec.task != arm_avoid.TASK_NAME:
-            raise ValueError(f"--{label} {path}: expected a model of task '{arm_avoid.TASK_NAME}', got '{spec.task}'")
+        task = task_module(spec.task)
         if checkpoint.kind == "diffusion_teacher":
             options = {"n_steps": args.n_steps}
         else:
             options = {"greedy": args.greedy}
-        frame_fields = arm_avoid.task_spec(1, 1).observation_fields
+        frame_fields = task.task_spec(1, 1).observation_fields
         policy = policy_for_checkpoint(checkpoint, seed=args.seed, frame_fields=frame_fields, **options)
-        execute = args.execute_steps or int(spec.model_info.get("execute_steps", spec.action_horizon))
-        result = arm_avoid.rollout(policy, args.episodes, args.seed, spec.history, min(execute, spec.action_horizon))
+        execute = min(args.execute_steps or int(spec.model_info.get("execute_steps", spec.action_horizon)),
+                      spec.action_horizon)
+        result = task.rollout(policy, args.episodes, args.seed, spec.history, execute)
         # latency of one action chunk for one observation (what the robot waits for)
-        starts = arm_avoid.ArmSim(batch=1).sample_start(np.random.default_rng(args.seed), 16)
-        frames = np.concatenate([starts, np.zeros_like(starts)], axis=-1)
-        windows = np.repeat(frames[:, None, :], spec.history, axis=1)
+        frames = task.initial_frames(16, args.seed)
+        windows = frames[:, None, :].repeat(spec.history, axis=1)
         timing = time_per_action(policy, windows, repeats=args.timing_repeats)
-        row = {"model": label, "kind": checkpoint.kind, "checkpoint": path,
-               **{k: v for k, v in result.to_dict().items() if k != "n_routes"},
+        row = {"model": label, "kind": checkpoint.kind, "checkpoint": path, "task": spec.task,
+               **_rollout_row(result),
                "network_evaluations_per_action": policy.evaluations_per_action,
                "execute_steps": execute, "time_per_action_ms": timing["mean_ms"],
                "time_per_action_p50_ms": timing["p50_ms"], "time_per_action_p99_ms": timing["p99_ms"]}
+        if checkpoint.kind != "diffusion_teacher" and expert_episodes > 0:
+            setting = (task, checkpoint, frame_fields, expert_episodes, args.seed, execute)
+            row["greedy"] = _forced_rollout(*setting, greedy=True)
+            row["experts"] = [{"expert": k, **_forced_rollout(*setting, forced_expert=k)}
+                              for k in range(checkpoint.model.n_experts)]
         rows.append(row)
         results.append(result)
     return rows, results
 
 
-def format_table(rows: list[dict]) -> str:
-    header = ("model", "success", "entropy", "routes", "collision", "NFE/action", "ms/action", "p50 ms")
+EXPERT_KEYS = ("success_rate", "collision_rate", "timeout_rate", "entropy", "routes_covered")
+
+
+def _forced_rollout(task, checkpoint, frame_fields, episodes: int, seed: int, execute: int, **choice) -> dict:
+    """Rates of a mixture rolled out with one way of choosing the expert (``greedy`` or ``forced_expert``)."""
+    from vdd_ros.learn.pipeline import policy_for_checkpoint
+
+    policy = policy_for_checkpoint(checkpoint, seed=seed, frame_fields=frame_fields, **choice)
+    result = task.rollout(policy, episodes, seed, checkpoint.spec.history, execute)
+    return {"episodes": episodes, **{k: v for k, v in _rollout_row(result).items() if k in EXPERT_KEYS}}
+
+
+def format_table(rows: list[dict], n_routes: int = 16) -> str:
+    """The eval table: one line per model; under a mixture its greedy policy and each expert forced alone."""
+    header = ("model", "success", "entropy", "routes", "collision", "timeout", "NFE/action", "ms/action", "p50 ms")
     lines = [header]
+
+    def rates(row):
+        return (f"{row['success_rate']:.3f}", f"{row['entropy']:.3f}", f"{row['routes_covered']}/{n_routes}",
+                f"{row['collision_rate']:.3f}", f"{row['timeout_rate']:.3f}")
+
     for row in rows:
-        lines.append((row["model"], f"{row['success_rate']:.3f}", f"{row['entropy']:.3f}",
-                      f"{row['routes_covered']}/16", f"{row['collision_rate']:.3f}",
-                      str(row["network_evaluations_per_action"]), f"{row['time_per_action_ms']:.2f}",
-                      f"{row['time_per_action_p50_ms']:.2f}"))
+        lines.append((row["model"], *rates(row), str(row["network_evaluations_per_action"]),
+                      f"{row['time_per_action_ms']:.2f}", f"{row['time_per_action_p50_ms']:.2f}"))
+        if "greedy" in row:
+            lines.append((f"  greedy ({row['greedy']['episodes']} ep)", *rates(row["greedy"]), "", "", ""))
+        for expert in row.get("experts", []):
+            lines.append((f"  expert {expert['expert']} alone", *rates(expert), "", "", ""))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines)
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
 
 
 # --- the YAML files that write out the defaults ------------------------------------------

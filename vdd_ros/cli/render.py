@@ -5,8 +5,9 @@ from __future__ import annotations
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "render", help="plot a demonstration dataset as a PNG",
-        description="Plot a dataset's demonstrations (for arm_avoid: end-effector paths coloured by "
-        "route, obstacles and finish line) and save the figure as a PNG.")
+        description="Plot a dataset's demonstrations (arm_avoid: end-effector paths coloured by route, "
+        "obstacles and finish line; arm_sort: paths coloured by visiting order, the three targets) and save "
+        "the figure as a PNG.")
     parser.add_argument("--dataset", required=True, help="dataset .npz written by 'vdd demos'")
     parser.add_argument("--out", required=True, help="output PNG path")
     parser.add_argument("--max-episodes", type=int, default=None,

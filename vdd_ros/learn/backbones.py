@@ -19,13 +19,18 @@ from torch import nn
 
 from vdd_ros.learn.configs import BackboneConfig
 
+ACTIVATION_MODULES = {"mish": nn.Mish, "relu": nn.ReLU, "silu": nn.SiLU}
 
-def build_mlp(in_dim: int, hidden: int, layers: int, out_dim: int | None = None) -> nn.Sequential:
-    """``layers`` hidden Linear+Mish layers, optionally followed by a linear output layer."""
+
+def build_mlp(in_dim: int, hidden: int, layers: int, out_dim: int | None = None,
+              activation: str = "mish") -> nn.Sequential:
+    """``layers`` hidden Linear+activation layers, optionally followed by a linear output layer."""
+    if activation not in ACTIVATION_MODULES:
+        raise ValueError(f"build_mlp activation: expected one of {sorted(ACTIVATION_MODULES)}, got {activation!r}")
     modules: list[nn.Module] = []
     width = in_dim
     for _ in range(layers):
-        modules += [nn.Linear(width, hidden), nn.Mish()]
+        modules += [nn.Linear(width, hidden), ACTIVATION_MODULES[activation]()]
         width = hidden
     if out_dim is not None:
         modules.append(nn.Linear(width, out_dim))
@@ -37,7 +42,8 @@ class MLPBackbone(nn.Module):
         super().__init__()
         self.obs_dim = obs_step_dim * history
         self.extra_dim = extra_dim
-        self.net = build_mlp(self.obs_dim + extra_dim, config.hidden, config.mlp_layers)
+        self.net = build_mlp(self.obs_dim + extra_dim, config.hidden, config.mlp_layers,
+                             activation=config.activation)
         self.out_dim = config.hidden
 
     def forward(self, obs: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,7 +25,8 @@ from vdd_ros.validation import FieldError, check_bool, check_choice, check_float
 
 BACKBONE_KINDS = ("mlp", "transformer")
 COVARIANCES = ("full", "diagonal")
-GATINGS = ("detached_features", "own_mlp")
+GATINGS = ("detached_features", "own_mlp", "detached_mlp")
+ACTIVATIONS = ("mish", "relu", "silu")
 LR_DECAYS = ("linear", "none")
 
 
@@ -75,7 +76,7 @@ class ConfigBase:
             value = data[config_field.name]
             nested = _nested_class(cls, config_field.name)
             if nested is not None and isinstance(value, dict):
-                value = nested.from_dict(value, f"{source}.{config_field.name}")
+                value = _nested_from_dict(cls, config_field.name, value, f"{source}.{config_field.name}")
             values[config_field.name] = value
         return cls(**values).validate()
 
@@ -88,7 +89,7 @@ class ConfigBase:
         for key, value in list(values.items()):
             nested = _nested_class(cls, key)
             if nested is not None and isinstance(value, dict):
-                values[key] = nested.from_dict(value, f"{cls.__name__}.{key}")
+                values[key] = _nested_from_dict(cls, key, value, f"{cls.__name__}.{key}")
         return cls(**values).validate()
 
     @classmethod
@@ -105,12 +106,25 @@ class ConfigBase:
             nested = hint if isinstance(hint, type) and issubclass(hint, ConfigBase) else None
             if nested is not None:
                 docs.append(FieldDoc(config_field.name, nested.__name__, None, help_text))
+                nested_default = getattr(defaults, config_field.name)  # this config's default, not the class's
                 for doc in nested.field_docs():
-                    docs.append(dataclasses.replace(doc, name=f"{config_field.name}.{doc.name}"))
+                    value = nested_default
+                    for part in doc.name.split("."):
+                        value = getattr(value, part)
+                    docs.append(dataclasses.replace(doc, name=f"{config_field.name}.{doc.name}",
+                                                    default=None if isinstance(value, ConfigBase) else value))
                 continue
             docs.append(FieldDoc(config_field.name, type_name(hints[config_field.name]),
                                  getattr(defaults, config_field.name), help_text))
         return docs
+
+
+def _nested_from_dict(cls, name: str, data: dict, source: str):
+    """A nested config from a partial dict, on top of ``cls``'s own default for that field (the student's
+    backbone default is not the class default of BackboneConfig)."""
+    default = getattr(cls(), name)
+    base = default.to_dict() if isinstance(default, ConfigBase) else {}
+    return _nested_class(cls, name).from_dict({**base, **data}, source)
 
 
 def _nested_class(cls, name: str):
@@ -203,9 +217,11 @@ class BackboneConfig(ConfigBase):
     embed_dim: int = knob(72, "transformer token width (a multiple of heads)")
     transformer_layers: int = knob(4, "transformer blocks")
     heads: int = knob(4, "attention heads per transformer block")
+    activation: str = knob("mish", "activation of the MLP layers: mish, relu or silu")
 
     def validate(self) -> BackboneConfig:
         check_choice("BackboneConfig.kind", self.kind, BACKBONE_KINDS)
+        check_choice("BackboneConfig.activation", self.activation, ACTIVATIONS)
         for name in ("hidden", "mlp_layers", "embed_dim", "transformer_layers", "heads"):
             check_int(f"BackboneConfig.{name}", getattr(self, name), 1)
         if self.embed_dim % self.heads != 0:
@@ -345,10 +361,10 @@ class VDDConfig(ConfigBase):
     min_std: float = knob(0.0001, "floor added to the softplus of the Cholesky diagonal")
     init_std: float = knob(0.2, "initial expert standard deviation (normalised units)")
     mean_init_spread: float = knob(1.0, "initial expert means spread over [-b, b]^A (a grid in 2-D)")
-    gating: str = knob("own_mlp", "own_mlp (an MLP on the observations) or detached_features (linear read-out)")
-    gating_hidden: int = knob(0, "own_mlp: width of the gating MLP (0: backbone.hidden)")
-    gating_layers: int = knob(0, "own_mlp: hidden layers of the gating MLP (0: backbone.mlp_layers)")
-    backbone: BackboneConfig = knob(BackboneConfig(), "the network that reads the observation window")
+    gating: str = knob("detached_mlp", "detached_mlp (MLP head on the detached features), own_mlp or detached_features")
+    gating_hidden: int = knob(128, "detached_mlp/own_mlp: width of the gating MLP (0: backbone.hidden)")
+    gating_layers: int = knob(2, "detached_mlp/own_mlp: hidden layers of the gating MLP (0: backbone.mlp_layers)")
+    backbone: BackboneConfig = knob(BackboneConfig(activation="relu"), "the network that reads the observation window")
     gating_warmup_fraction: float = knob(0.0, "fraction of the run in which the experts see uniform gating")
     freeze_gating_fraction: float | None = knob(0.7, "gating M-steps stop after this fraction (null: never)")
     dead_expert_threshold: float = knob(0.001, "an expert whose mean gating weight is below this is reported dead")
@@ -356,6 +372,10 @@ class VDDConfig(ConfigBase):
     reinit_distance: float = knob(10.0, "duplicate: mean gap below this many of its stds, averaged over states")
     reinit_batch_size: int = knob(4096, "actions scored to find the worst-explained region")
     warm_start_iterations: int = knob(3000, "EM iterations on the demonstrations before VDD (0: no warm start)")
+    lr_warmup_iterations: int = knob(0, "after a warm start: VDD iterations over which both rates ramp up from 0")
+    validation_every: int = knob(500, "guard: iterations between validation-signal evaluations (0: no guard)")
+    validation_states: int = knob(256, "guard: dataset states at which the validation signal is measured")
+    guard_fallback: bool = knob(True, "guard: a run that ends worse than its start returns its best validation state")
     seed: int = knob(0, "seeds parameters, batches, samples and sigma draws")
     device: str = knob("cpu", "torch device of the run")
     num_threads: int | None = knob(1, "torch threads for the run (null: leave torch's setting)")
@@ -369,8 +389,8 @@ class VDDConfig(ConfigBase):
         "gmm2d": dict(iterations=1000, samples_per_expert=64, gating_batch_size=1024, expert_lr=1e-2, gating_lr=1e-2,
                       sigma_min=0.2, sigma_max=0.5, sigma_anneal=True, sigma_final_max=0.05,
                       covariance="full", init_std=1.0, mean_init_spread=1.5, gating="detached_features",
-                      gating_warmup_fraction=0.7, reinit_fractions=[0.15, 0.3, 0.45], reinit_distance=1.0,
-                      warm_start_iterations=0),
+                      backbone=dict(activation="mish"), gating_warmup_fraction=0.7,
+                      reinit_fractions=[0.15, 0.3, 0.45], reinit_distance=1.0, warm_start_iterations=0),
     }
 
     def validate(self) -> VDDConfig:
@@ -379,7 +399,9 @@ class VDDConfig(ConfigBase):
         validate_mixture_fields(self, owner)
         for name in ("batch_size", "samples_per_expert", "gating_batch_size", "reinit_batch_size"):
             check_int(f"{owner}.{name}", getattr(self, name), 1)
-        for name in ("warm_start_iterations", "checkpoint_every"):
+        check_int(f"{owner}.validation_states", self.validation_states, 1)
+        check_bool(f"{owner}.guard_fallback", self.guard_fallback)
+        for name in ("warm_start_iterations", "checkpoint_every", "lr_warmup_iterations", "validation_every"):
             check_int(f"{owner}.{name}", getattr(self, name), 0)
         check_bool(f"{owner}.antithetic", self.antithetic)
         check_bool(f"{owner}.sigma_anneal", self.sigma_anneal)
@@ -451,10 +473,10 @@ class EMConfig(ConfigBase):
     min_std: float = knob(0.0001, "floor added to the softplus of the Cholesky diagonal")
     init_std: float = knob(0.2, "initial expert standard deviation (normalised units)")
     mean_init_spread: float = knob(1.0, "initial expert means spread over [-b, b]^A (a grid in 2-D)")
-    gating: str = knob("own_mlp", "own_mlp (an MLP on the observations) or detached_features (linear read-out)")
-    gating_hidden: int = knob(0, "own_mlp: width of the gating MLP (0: backbone.hidden)")
-    gating_layers: int = knob(0, "own_mlp: hidden layers of the gating MLP (0: backbone.mlp_layers)")
-    backbone: BackboneConfig = knob(BackboneConfig(), "the network that reads the observation window")
+    gating: str = knob("detached_mlp", "detached_mlp (MLP head on the detached features), own_mlp or detached_features")
+    gating_hidden: int = knob(128, "detached_mlp/own_mlp: width of the gating MLP (0: backbone.hidden)")
+    gating_layers: int = knob(2, "detached_mlp/own_mlp: hidden layers of the gating MLP (0: backbone.mlp_layers)")
+    backbone: BackboneConfig = knob(BackboneConfig(activation="relu"), "the network that reads the observation window")
     history: int = knob(2, "observation frames in the window (the teacher's, for a fair comparison)")
     dead_expert_threshold: float = knob(0.001, "an expert whose mean gating weight is below this is reported dead")
     seed: int = knob(0, "seeds parameters and batches")
@@ -470,7 +492,7 @@ class EMConfig(ConfigBase):
     PRESETS: ClassVar[dict[str, dict]] = {
         # the 2-D checks (test/test_em.py, scripts/figure_2d.py): one state-independent frame
         "gmm2d": dict(iterations=1000, expert_lr=1e-2, gating_lr=1e-2, covariance="full", init_std=1.0,
-                      mean_init_spread=1.5, gating="detached_features", history=1),
+                      mean_init_spread=1.5, gating="detached_features", backbone=dict(activation="mish"), history=1),
     }
 
     def validate(self) -> EMConfig:

@@ -19,12 +19,10 @@ from vdd_ros.learn.configs import EMConfig
 from vdd_ros.learn.mixture_training import (
     as_tensor,
     build_mixture,
-    em_iteration,
+    em_phase,
     finish_training,
-    lr_factor,
     mixture_optimisers,
     progress_bar,
-    set_learning_rate,
 )
 from vdd_ros.learn.moe import MixtureOfExpertsPolicy
 from vdd_ros.validation import fail
@@ -52,22 +50,13 @@ def train_em(observations, actions, config: EMConfig, progress: bool = True, cal
     expert_opt, gating_opt = mixture_optimisers(model, config)
     history = {"expert_loss": [], "gating_loss": [], "warnings": []}
 
+    def state_action_batch(size: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(obs_all.shape[0], (size,), generator=generator, device=device)
+        return obs_all[idx], act_all[idx]
+
     bar = progress_bar(progress, config.iterations, "EM")
-    for iteration in range(config.iterations):
-        set_learning_rate(expert_opt, config.expert_lr * lr_factor(config, iteration))
-        set_learning_rate(gating_opt, config.gating_lr * lr_factor(config, iteration))
-        idx = torch.randint(obs_all.shape[0], (config.batch_size,), generator=generator, device=device)
-        expert_loss, gating_loss = em_iteration(model, obs_all[idx], act_all[idx], expert_opt, gating_opt, iteration,
-                                                config.expert_steps_per_iter, config.gating_steps_per_iter)
-        record = {"iteration": iteration, "expert_loss": expert_loss, "gating_loss": gating_loss}
-        history["expert_loss"].append(record["expert_loss"])
-        history["gating_loss"].append(record["gating_loss"])
-        if callback is not None:
-            callback(iteration, model, record)
-        if bar is not None:
-            bar.update(1)
-            if iteration % 20 == 0 or iteration == config.iterations - 1:
-                bar.set_postfix(nll=f"{record['expert_loss']:.3g}")
+    em_phase(model, state_action_batch, config, config.iterations, config.batch_size, expert_opt, gating_opt,
+             config.expert_steps_per_iter, config.gating_steps_per_iter, bar, callback, history)
     if bar is not None:
         bar.close()
 

@@ -232,7 +232,7 @@ class FastStudentGraph(nn.Module):
         backbone = model.backbone
         # an MLP backbone reading the window alone runs here, its first Linear taking raw observations
         self.folded_backbone = isinstance(backbone, MLPBackbone) and backbone.extra_dim == 0 and all(
-            isinstance(m, (nn.Linear, nn.Mish)) for m in backbone.net) and isinstance(backbone.net[0], nn.Linear)
+            isinstance(m, _MLP_MODULES) for m in backbone.net) and isinstance(backbone.net[0], nn.Linear)
 
         def fold_observation_normalisation(mlp: nn.Sequential) -> nn.ModuleList:
             first = mlp[0]
@@ -245,18 +245,27 @@ class FastStudentGraph(nn.Module):
         mean_w = model.mean_head.weight.double().reshape(n_experts, act_dim, width) * (act_std[:, None] * scale)
         mean_b = model.mean_head.bias.double().reshape(n_experts, act_dim) * act_std + act_mean
         self.mean_head = _linear(mean_w.reshape(n_experts * act_dim, width), mean_b.reshape(-1))
-        self.own_gating = model.gating != "detached_features"
-        if not self.own_gating:
+        self.own_gating = model.gating == "own_mlp"
+        self.head_gating = model.gating == "detached_mlp"
+        if model.gating == "detached_features":
             gate = model.gating_net[-1]
             self.gating_head = _linear(gate.weight.double() * scale, gate.bias.double())
-        # an own gating MLP (Linear/Mish layers, normalised features, Linear) runs on raw observations too
         gating_parts = list(model.gating_net)
-        self.folded_gating = self.own_gating and len(gating_parts) == 3 and isinstance(gating_parts[0], nn.Sequential) \
-            and all(isinstance(m, (nn.Linear, nn.Mish)) for m in gating_parts[0]) \
+        gating_mlp = len(gating_parts) == 3 and isinstance(gating_parts[0], nn.Sequential) \
+            and all(isinstance(m, _MLP_MODULES) for m in gating_parts[0]) \
             and isinstance(gating_parts[0][0], nn.Linear) and isinstance(gating_parts[1], NormalisedFeatures)
+        # an own gating MLP (Linear/activation layers, normalised features, Linear) runs on raw observations too
+        self.folded_gating = self.own_gating and gating_mlp
         if self.folded_gating:
             mlp, features, gate = gating_parts
             self.gating_layers = fold_observation_normalisation(mlp)
+            self.gating_head = _linear(gate.weight.double() / float(features.width) ** 0.5, gate.bias.double())
+        if self.head_gating:  # a gating MLP head reads the layer-normalised features as they are here
+            if not gating_mlp:
+                raise ExportError("student gating 'detached_mlp': expected an MLP, normalised features and a "
+                                  f"Linear, got {[type(m).__name__ for m in gating_parts]}")
+            mlp, features, gate = gating_parts
+            self.gating_layers = nn.ModuleList(list(mlp))
             self.gating_head = _linear(gate.weight.double() / float(features.width) ** 0.5, gate.bias.double())
         # per-expert Cholesky head rows [Z, rows, F], gathered for the chosen expert only
         self.register_buffer("std_w", (model.std_head.weight.double() * scale).reshape(n_experts, act_dim, width)
@@ -275,10 +284,7 @@ class FastStudentGraph(nn.Module):
 
     def _run_folded(self, layers: nn.ModuleList, obs: torch.Tensor) -> torch.Tensor:
         """A folded MLP on raw observations, layer-normalised (without the 1/sqrt(width) the heads hold)."""
-        h = obs.reshape(obs.shape[0], self.obs_dim)
-        for module in layers:
-            h = fast_mish(h) if isinstance(module, nn.Mish) else module(h)
-        return F.layer_norm(h, (h.shape[-1],))
+        return _run_mlp(layers, obs.reshape(obs.shape[0], self.obs_dim))
 
     def _features(self, obs: torch.Tensor, flat_normalised: torch.Tensor | None) -> torch.Tensor:
         """Layer-normalised backbone features (without the 1/sqrt(width), which the heads hold)."""
@@ -288,6 +294,8 @@ class FastStudentGraph(nn.Module):
         return F.layer_norm(h, (h.shape[-1],))
 
     def _gating_logits(self, obs: torch.Tensor, feats: torch.Tensor, flat_normalised: torch.Tensor | None):
+        if self.head_gating:
+            return self.gating_head(_run_mlp(self.gating_layers, feats))
         if not self.own_gating:
             return self.gating_head(feats)
         if self.folded_gating:
@@ -325,6 +333,16 @@ class FastStudentGraph(nn.Module):
         actions = torch.cond(any_noise, self._noisy, self._mean, (feats, chosen, actions, noise, noise_scale))
         return (actions.reshape(batch, *self.chunk), chosen, weights,
                 flat_means.reshape(batch, self.n_experts, *self.chunk))
+
+
+_MLP_MODULES = (nn.Linear, nn.Mish, nn.ReLU, nn.SiLU)  # what build_mlp makes
+
+
+def _run_mlp(layers: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+    """Linear/activation layers (Mish as :func:`fast_mish`), then a layer norm without affine parameters."""
+    for module in layers:
+        h = fast_mish(h) if isinstance(module, nn.Mish) else module(h)
+    return F.layer_norm(h, (h.shape[-1],))
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:

@@ -114,6 +114,36 @@ def em_iteration(model: MixtureOfExpertsPolicy, obs: torch.Tensor, act: torch.Te
     return expert_loss.item(), gating_loss.item()
 
 
+def em_phase(model: MixtureOfExpertsPolicy, state_action_batch, config, iterations: int, batch_size: int,
+             expert_opt, gating_opt, expert_steps: int = 1, gating_steps: int = 1, bar=None, callback=None,
+             history: dict | None = None) -> list[float]:
+    """``iterations`` EM iterations on ``state_action_batch(batch_size, iteration) -> (obs, act)``: the whole of
+    ``train_em`` and the whole of VDD's EM warm start (one algorithm, one code path).
+
+    Learning rates ``config.expert_lr`` / ``config.gating_lr`` decay over these ``iterations`` as
+    ``config.lr_decay`` says. Returns the expert losses; appends both losses to ``history`` when given.
+    """
+    losses = []
+    for iteration in range(iterations):
+        factor = lr_factor(config, iteration, iterations)
+        set_learning_rate(expert_opt, config.expert_lr * factor)
+        set_learning_rate(gating_opt, config.gating_lr * factor)
+        expert_loss, gating_loss = em_iteration(model, *state_action_batch(batch_size, iteration), expert_opt,
+                                                gating_opt, iteration, expert_steps, gating_steps)
+        losses.append(expert_loss)
+        if history is not None:
+            history["expert_loss"].append(expert_loss)
+            history["gating_loss"].append(gating_loss)
+        if callback is not None:
+            callback(iteration, model, {"iteration": iteration, "expert_loss": expert_loss,
+                                        "gating_loss": gating_loss})
+        if bar is not None:
+            bar.update(1)
+            if iteration % 20 == 0 or iteration == iterations - 1:
+                bar.set_postfix(em_nll=f"{expert_loss:.3g}")
+    return losses
+
+
 def mean_gating_weights(model: MixtureOfExpertsPolicy, observations: torch.Tensor, max_states: int = 4096
                         ) -> np.ndarray:
     """Gating weights averaged over (up to ``max_states`` evenly spaced) states, ``[Z]``."""

@@ -103,9 +103,12 @@ class MixtureOfExpertsPolicy(nn.Module):
         if gating == "detached_features":  # a linear read-out of the (deep) shared features
             self.gating_net = nn.Sequential(nn.Linear(features, n_experts))
         else:
+            # own_mlp: an MLP on the observations; detached_mlp: an MLP head on the detached, layer-normalised
+            # backbone features (unit scale per entry), trained by the gating M-step only
             hidden, layers = gating_hidden or backbone.hidden, gating_layers or backbone.mlp_layers
-            self.gating_net = nn.Sequential(build_mlp(self.obs_dim, hidden, layers), NormalisedFeatures(hidden),
-                                            nn.Linear(hidden, n_experts))
+            inputs = self.obs_dim if gating == "own_mlp" else features
+            self.gating_net = nn.Sequential(build_mlp(inputs, hidden, layers, activation=backbone.activation),
+                                            NormalisedFeatures(hidden), nn.Linear(hidden, n_experts))
         # L is gathered from [0, diag entries, off-diagonal entries] with a constant index (export friendly).
         tril_rows, tril_cols = torch.tril_indices(act_dim, act_dim, offset=-1)
         index = torch.zeros(act_dim, act_dim, dtype=torch.long)
@@ -133,6 +136,8 @@ class MixtureOfExpertsPolicy(nn.Module):
         """Unnormalised log gating weights ``[B, Z]``."""
         if self.gating == "detached_features":
             return self.gating_net(features.detach())
+        if self.gating == "detached_mlp":  # the features without NormalisedFeatures' 1/sqrt(width)
+            return self.gating_net(features.detach() * math.sqrt(self.feature_norm.width))
         return self.gating_net(obs)
 
     def expert_means(self, features: torch.Tensor) -> torch.Tensor:

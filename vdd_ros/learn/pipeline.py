@@ -157,13 +157,26 @@ class TeacherPolicy(_PolicyBase):
 
 
 class MixturePolicy(_PolicyBase):
-    """One forward pass of the mixture: an expert drawn from the gating (or its argmax), its mean."""
+    """One forward pass of the mixture: an expert drawn from the gating (or its argmax), its mean.
 
-    def __init__(self, model, spec: ModelSpec, seed: int = 0, greedy: bool = False, frame_fields=None):
+    ``forced_expert`` (an index) replaces the gating's choice by that expert at every state, as
+    the exported student's ``forced_expert`` input does: how the expert behaves alone.
+    """
+
+    def __init__(self, model, spec: ModelSpec, seed: int = 0, greedy: bool = False, frame_fields=None,
+                 forced_expert: int | None = None):
         super().__init__(model, spec, seed, frame_fields)
         self.greedy = greedy
+        n_experts = int(model.n_experts)
+        if forced_expert is not None and not (isinstance(forced_expert, int) and 0 <= forced_expert < n_experts):
+            raise ValueError(f"forced_expert: expected an expert index 0..{n_experts - 1} or None, "
+                             f"got {forced_expert!r}")
+        self.forced_expert = forced_expert
 
     def normalised_actions(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.forced_expert is not None:
+            _, means = self.model.weights_and_means(obs)
+            return means[:, self.forced_expert]
         return self.model.act(obs, greedy=self.greedy, generator=self.generator)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from vdd_ros.learn.mixture_training import (
     as_tensor,
     build_mixture,
     check_finite,
-    em_iteration,
+    em_phase,
     finish_training,
     lr_factor,
     mean_gating_weights,
@@ -107,21 +108,82 @@ def gating_loss(model: MixtureOfExpertsPolicy, obs: torch.Tensor, actions: torch
 
 # --- warm start and re-initialisation --------------------------------------------------------
 def em_warm_start(model: MixtureOfExpertsPolicy, state_action_batch, config: VDDConfig, bar=None) -> list[float]:
-    """EM on ``state_action_batch(size, iteration)`` pairs before VDD (``warm_start_iterations``)."""
+    """EM on ``state_action_batch(size, iteration)`` pairs before VDD (``warm_start_iterations``).
+
+    The same code as ``train_em`` (``mixture_training.em_phase``): ``vdd train-em`` with
+    ``iterations = warm_start_iterations``, ``batch_size = gating_batch_size`` and the same learning
+    rates, decay and seed trains the same model. Its optimisers are its own (as train_em's are).
+    """
     expert_opt, gating_opt = mixture_optimisers(model, config)
-    losses = []
-    for iteration in range(config.warm_start_iterations):
-        factor = lr_factor(config, iteration, config.warm_start_iterations)
-        set_learning_rate(expert_opt, config.expert_lr * factor)
-        set_learning_rate(gating_opt, config.gating_lr * factor)
-        expert_loss, _ = em_iteration(model, *state_action_batch(config.gating_batch_size, iteration), expert_opt,
-                                      gating_opt, iteration)
-        losses.append(expert_loss)
-        if bar is not None:
-            bar.update(1)
-            if iteration % 20 == 0:
-                bar.set_postfix(em_warm_start_nll=f"{expert_loss:.3g}")
-    return losses
+    return em_phase(model, state_action_batch, config, config.warm_start_iterations, config.gating_batch_size,
+                    expert_opt, gating_opt, bar=bar)
+
+
+def vdd_lr_factor(config: VDDConfig, iteration: int, horizon: int | None = None) -> float:
+    """Learning-rate multiplier of VDD iteration ``iteration``: the linear decay times the warm-up ramp.
+
+    After a warm start, a fresh Adam's first steps move every parameter by about the learning rate
+    whatever its gradient (``m/sqrt(v) = sign(g)``); the ramp over ``lr_warmup_iterations`` lets the
+    moments settle before the steps are full size.
+    """
+    ramp = 1.0
+    if config.lr_warmup_iterations > 0 and config.warm_start_iterations > 0:
+        ramp = min(1.0, (iteration + 1) / (config.lr_warmup_iterations + 1))
+    return ramp * lr_factor(config, iteration, horizon)
+
+
+# --- the guard: a cheap validation signal --------------------------------------------------------
+class Guard:
+    """Validation signals at fixed dataset states, the best state of the run and the warm start's figures.
+
+    Every ``validation_every`` iterations (and right after the warm start, as "iteration -1"):
+    - ``teacher_nll``: the mixture's negative log-likelihood of teacher samples (demonstration actions
+      when the teacher cannot sample) at the validation states, per action dimension: low when the
+      student covers what the teacher does;
+    - ``displacement``: RMS of ``sigma^2 * score`` (how far the teacher's denoiser would move the
+      action) at each expert's mean, weighted by the gating, at sigma = ``sigma_max``: low when the
+      actions the student executes lie where the teacher puts its mass.
+    The score of a state is ``teacher_nll`` (the selection criterion); the best one is kept in memory.
+    """
+
+    def __init__(self, teacher, obs_all, act_all, config: VDDConfig, generator_seed: int):
+        generator = torch.Generator(device=obs_all.device).manual_seed(generator_seed)
+        n_states = min(config.validation_states, obs_all.shape[0])
+        index = torch.randperm(obs_all.shape[0], generator=generator, device=obs_all.device)[:n_states]
+        self.obs = obs_all[index]
+        self.teacher, self.config = teacher, config
+        if can_sample(teacher):
+            with torch.no_grad():
+                self.actions = teacher.sample(self.obs, generator=generator).to(self.obs.dtype)
+            self.action_source = "teacher samples"
+        else:
+            self.actions = act_all[index]
+            self.action_source = "demonstration actions"
+        self.sigma = float(config.sigma_max)
+        self.records: list[dict] = []
+        self.best_score, self.best_state, self.best_iteration = math.inf, None, None
+
+    def evaluate(self, model: MixtureOfExpertsPolicy, iteration: int) -> dict:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            nll = -float(model.log_prob(self.actions, self.obs).mean()) / model.act_dim
+            weights, means = model.weights_and_means(self.obs)  # [B, Z], [B, Z, A]
+            batch, n_experts, act_dim = means.shape
+            flat = means.reshape(batch * n_experts, act_dim)
+            obs = self.obs.repeat_interleave(n_experts, 0)
+            sigma = torch.full((flat.shape[0],), self.sigma, dtype=flat.dtype, device=flat.device)
+            score = self.teacher.score(flat, obs, sigma)
+            check_finite(iteration, "teacher score at the validation states", score, tuple(flat.shape))
+            moved = (self.sigma ** 2 * score).pow(2).mean(-1)
+            displacement = float((weights.reshape(-1) * moved).sum() / batch) ** 0.5
+        model.train(was_training)
+        record = {"iteration": iteration, "teacher_nll": nll, "displacement": displacement}
+        self.records.append(record)
+        if nll < self.best_score:
+            self.best_score, self.best_iteration = nll, iteration
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return record
 
 
 def redundant_experts(model: MixtureOfExpertsPolicy, obs: torch.Tensor, weights: np.ndarray, distance: float,
@@ -232,9 +294,13 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
     bar = progress_bar(progress, config.iterations + config.warm_start_iterations, "VDD")
     if config.warm_start_iterations > 0:
         history["warm_start_loss"] = em_warm_start(model, state_action_batch, config, bar)
+    guard = None
+    if config.validation_every > 0:
+        guard = Guard(teacher, obs_all, act_all, config, config.seed + 7919)
+        guard.evaluate(model, -1)  # the warm start (or the initial mixture)
     for iteration in range(config.iterations):
-        set_learning_rate(expert_opt, config.expert_lr * lr_factor(config, iteration))
-        set_learning_rate(gating_opt, config.gating_lr * lr_factor(config, iteration, config.gating_iterations))
+        set_learning_rate(expert_opt, config.expert_lr * vdd_lr_factor(config, iteration))
+        set_learning_rate(gating_opt, config.gating_lr * vdd_lr_factor(config, iteration, config.gating_iterations))
         warming_up = iteration < config.gating_warmup_iterations
         if iteration in reinit_iterations and iteration > 0:
             obs, act = state_action_batch(config.reinit_batch_size, iteration)
@@ -266,17 +332,50 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
                   "gating_loss": float(np.mean(gating_losses)) if gating_losses else float("nan")}  # nan: frozen
         history["expert_loss"].append(record["expert_loss"])
         history["gating_loss"].append(record["gating_loss"])
+        if guard is not None and ((iteration + 1) % config.validation_every == 0 or iteration == config.iterations - 1):
+            record["validation"] = guard.evaluate(model, iteration)
         if callback is not None:
             callback(iteration, model, record)
         if bar is not None:
             bar.update(1)
             if iteration % 20 == 0 or iteration == config.iterations - 1:
                 gating = "frozen" if math.isnan(record["gating_loss"]) else f"{record['gating_loss']:.3g}"
-                bar.set_postfix(expert_loss=f"{record['expert_loss']:.3g}", gating_loss=gating)
+                postfix = dict(expert_loss=f"{record['expert_loss']:.3g}", gating_loss=gating)
+                if guard is not None:
+                    postfix["val_nll"] = f"{guard.records[-1]['teacher_nll']:.3g}"
+                bar.set_postfix(**postfix)
     if bar is not None:
         bar.close()
-
+    if guard is not None:
+        finish_guard(model, guard, config, history, verbose=progress)
     return finish_training(model, obs_all, config, history, start, "VDD")
+
+
+def finish_guard(model: MixtureOfExpertsPolicy, guard: Guard, config: VDDConfig, history: dict,
+                 verbose: bool = True) -> None:
+    """Say when VDD ended worse than its start by the validation signal; with ``guard_fallback``, then return
+    the best validation state (the warm start itself when nothing after it was better)."""
+    start, final = guard.records[0], guard.records[-1]
+    history["validation"] = guard.records
+    history["validation_actions"] = guard.action_source
+    history["best_iteration"] = guard.best_iteration
+    history["returned_iteration"] = final["iteration"]
+    label = "warm start" if config.warm_start_iterations > 0 else "initial mixture"
+    summary = (f"VDD guard: validation NLL of {guard.action_source} {start['teacher_nll']:.4g} after the {label}, "
+               f"{final['teacher_nll']:.4g} at the end, best {guard.best_score:.4g} at iteration "
+               f"{guard.best_iteration}; displacement {start['displacement']:.3g} -> {final['displacement']:.3g}")
+    history["guard"] = summary
+    if verbose:
+        print(summary, flush=True)
+    if final["teacher_nll"] > start["teacher_nll"]:
+        message = (f"VDD degraded its {label}: validation NLL {start['teacher_nll']:.4g} -> "
+                   f"{final['teacher_nll']:.4g}")
+        if config.guard_fallback and guard.best_state is not None:
+            model.load_state_dict(guard.best_state)
+            history["returned_iteration"] = guard.best_iteration
+            message += f"; returning the best validation state (iteration {guard.best_iteration})"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        history["warnings"].append(message)
 
 
 def analytic_check(teacher, config: VDDConfig, eval_observations, n_demos: int = 65536,

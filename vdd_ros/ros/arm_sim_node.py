@@ -1,11 +1,16 @@
-"""Simulated arm: the built-in arm_avoid task (ArmSim, one episode at a time) behind ROS 2 topics.
+"""Simulated arm: a built-in task's ArmSim (parameter ``task``: arm_avoid, the default, or
+arm_sort), one episode at a time, behind ROS 2 topics.
 
-Runs the physics at the task's rate (200 Hz, times ``real_time_factor``) and publishes
-``joint_states``. Takes joint position targets from ``commands`` (std_msgs/Float64MultiArray,
-joints in the order of the ``joint_names`` it publishes) or ``joint_trajectory``
-(trajectory_msgs/JointTrajectory: each point's positions are the target from the previous
-point's time until its own ``time_from_start``, counted from the header stamp or, when that is
-zero, from the arrival; the last point is held).
+Runs the physics at the task's rate (arm_avoid 200 Hz, arm_sort 100 Hz; times ``real_time_factor``)
+and publishes ``joint_states`` and, for a task whose observation holds ``vector`` fields (arm_sort:
+``visited`` on ``task_state``, std_msgs/Float64MultiArray), each of them on its topic just before
+every ``joint_states`` message (the policy node stamps them on arrival).
+
+Takes joint position targets from ``commands`` (std_msgs/Float64MultiArray, joints in the order
+of the ``joint_names`` it publishes) or ``joint_trajectory`` (trajectory_msgs/JointTrajectory:
+each point's positions are the target from the previous point's time until its own
+``time_from_start``, counted from the header stamp or, when that is zero, from the arrival; the
+last point is held).
 
 Episodes: after a reset the arm holds its start pose still for ``settle_s`` (commands are
 ignored), then publishes ``episode_start`` (std_msgs/Int32, the episode index; the policy node
@@ -14,14 +19,17 @@ episode's clock starts with it, as an offline rollout starts with its first acti
 episode ends (success, collision or timeout) its outcome goes out on ``episode_result``
 (std_msgs/String, JSON: episode, success, collision, timeout, route (null unless success),
 duration_s, start_q, ee_path at the control rate) and, with ``auto_reset``, the next episode
-starts. Start poses come from ``seed`` exactly as ``tasks.arm_avoid.rollout(seed=...)`` draws
+starts. Start poses come from ``seed`` exactly as the task's ``rollout(seed=...)`` draws
 them, so episode k over ROS starts where offline episode k starts.
 
 Pacing: real time by default (``real_time_factor`` scales it; with ``publish_clock`` the
 simulated time goes out on ``/clock`` for nodes run with ``use_sim_time``). ``lockstep``
 instead steps one control period per command and publishes ``joint_states`` once per control
 period (policy node: ``trigger:=observation``): the run then reproduces the offline rollout
-exactly, as fast as the policy answers.
+exactly, as fast as the policy answers. Vector fields go out with each episode's announcement
+and, when one changed during a period (an arm_sort target was reached), before ``joint_states``
+by ``LOCKSTEP_ANNOUNCE_LEAD_S``: the policy reads the new value with the observation it triggers
+(messages on two topics may arrive in either order).
 """
 from __future__ import annotations
 
@@ -42,7 +50,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from vdd_ros.ros.spin import ThrottledWarnings, parameter_descriptor, run_node, stamp_seconds
-from vdd_ros.tasks.arm_avoid import JOINT_NAMES, PHYSICS_RATE_HZ, TICKS_PER_CONTROL, ArmSim
+from vdd_ros.tasks.registry import TASKS, task_module
 
 WARN_PERIOD_S = 2.0
 RESULT_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -58,6 +66,8 @@ SETTLING, WAITING, RUNNING, FINISHED = "settling", "waiting_for_command", "runni
 
 
 PARAMETERS = {
+    "task": ("arm_avoid", parameter_descriptor(ParameterType.PARAMETER_STRING, "The built-in task simulated.",
+                                               choices=sorted(TASKS))),
     "seed": (0, parameter_descriptor(ParameterType.PARAMETER_INTEGER, "Seed of the episode start poses (as offline "
                                      "rollouts with the same seed).", int_range=(0, 2**31 - 1))),
     "auto_reset": (True, parameter_descriptor(ParameterType.PARAMETER_BOOL, "Start the next episode when one ends.")),
@@ -96,8 +106,15 @@ class ArmSimNode(Node):
         if self.lockstep and p["publish_clock"]:
             self.get_logger().warning("publish_clock is ignored in lockstep: stamps are wall-clock times")
             p["publish_clock"] = False
-        self.sim = ArmSim(batch=1)
-        self.dt = 1.0 / PHYSICS_RATE_HZ
+        if p["task"] not in TASKS:
+            raise ValueError(f"parameter 'task': expected one of {sorted(TASKS)}, got {p['task']!r}")
+        self.task = task_module(p["task"])
+        self.joint_names = tuple(self.task.JOINT_NAMES)
+        self.physics_rate_hz = self.task.PHYSICS_RATE_HZ
+        self.ticks_per_control = self.task.TICKS_PER_CONTROL
+        self.vector_fields = [f for f in self.task.task_spec(1, 1).observation_fields if f.kind == "vector"]
+        self.sim = self.task.ArmSim(batch=1)
+        self.dt = 1.0 / self.physics_rate_hz
         self.start_rng = np.random.default_rng(p["seed"])
         self.episode = -1
         self.state = FINISHED
@@ -115,6 +132,8 @@ class ArmSimNode(Node):
         self.result_pub = self.create_publisher(String, "episode_result", RESULT_QOS)
         self.start_pub = self.create_publisher(Int32, "episode_start", 10)
         self.clock_pub = self.create_publisher(Clock, "/clock", 10) if p["publish_clock"] else None
+        self.vector_pubs = {f.name: self.create_publisher(Float64MultiArray, f.topic, 10) for f in self.vector_fields}
+        self._published_vectors: dict[str, list[float]] = {}
         self.create_subscription(Float64MultiArray, "commands", self._on_commands, 10)
         self.create_subscription(JointTrajectory, "joint_trajectory", self._on_trajectory, 10)
         self.create_service(Trigger, "~/reset", self._on_reset)
@@ -125,8 +144,8 @@ class ArmSimNode(Node):
             # the timer runs at the physics rate in wall time at most; it catches up on missed ticks
             self.create_timer(self.dt / max(self.rtf, 1.0), self._on_timer)
         pace = "in lockstep with the commands" if self.lockstep else f"x {self.rtf:g} real time"
-        self.get_logger().info(f"arm_avoid simulation at {PHYSICS_RATE_HZ} Hz {pace}, "
-                               f"joints {list(JOINT_NAMES)}, seed {p['seed']}, "
+        self.get_logger().info(f"{p['task']} simulation at {self.physics_rate_hz} Hz {pace}, "
+                               f"joints {list(self.joint_names)}, seed {p['seed']}, "
                                f"{self.max_episodes or 'unlimited'} episodes")
 
     # --- episodes --------------------------------------------------------------------
@@ -145,6 +164,7 @@ class ArmSimNode(Node):
         self._settle_until = self.clock_s + self.settle_s
         self._settle_until_wall = time.monotonic() + self.settle_s
         self._announced_at = -math.inf
+        self._state_due = math.inf
 
     def _subscribers_ready(self) -> bool:
         """Whether the first episode may start: joint_states has the subscribers asked for."""
@@ -187,9 +207,9 @@ class ArmSimNode(Node):
 
     def _on_commands(self, msg: Float64MultiArray) -> None:
         target = np.asarray(msg.data, dtype=np.float64)
-        if target.size != len(JOINT_NAMES) or not np.all(np.isfinite(target)):
+        if target.size != len(self.joint_names) or not np.all(np.isfinite(target)):
             self._warn("commands", f"ignored command on {self.resolve_topic_name('commands')}: expected "
-                                   f"{len(JOINT_NAMES)} finite positions for {list(JOINT_NAMES)}, got "
+                                   f"{len(self.joint_names)} finite positions for {list(self.joint_names)}, got "
                                    f"{list(msg.data)}")
             return
         if not self._accepting():
@@ -203,14 +223,15 @@ class ArmSimNode(Node):
 
     def _on_trajectory(self, msg: JointTrajectory) -> None:
         topic = self.resolve_topic_name("joint_trajectory")
-        if sorted(msg.joint_names) != sorted(JOINT_NAMES):
+        joint_names = self.joint_names
+        if sorted(msg.joint_names) != sorted(joint_names):
             self._warn("trajectory", f"ignored trajectory on {topic}: joint_names {list(msg.joint_names)}, "
-                                     f"expected {list(JOINT_NAMES)} in any order")
+                                     f"expected {list(joint_names)} in any order")
             return
-        order = [list(msg.joint_names).index(name) for name in JOINT_NAMES]
-        if not msg.points or any(len(p.positions) != len(JOINT_NAMES) for p in msg.points):
+        order = [list(msg.joint_names).index(name) for name in joint_names]
+        if not msg.points or any(len(p.positions) != len(joint_names) for p in msg.points):
             self._warn("trajectory", f"ignored trajectory on {topic}: expected points with "
-                                     f"{len(JOINT_NAMES)} positions each")
+                                     f"{len(joint_names)} positions each")
             return
         positions = np.asarray([p.positions for p in msg.points], dtype=np.float64)[:, order]
         times = np.asarray([stamp_seconds(p.time_from_start) for p in msg.points])
@@ -238,7 +259,7 @@ class ArmSimNode(Node):
 
     # --- physics loop -------------------------------------------------------------------
     def _on_timer(self) -> None:
-        due = int((time.monotonic() - self._wall_start) * PHYSICS_RATE_HZ * self.rtf) - self._physics_ticks
+        due = int((time.monotonic() - self._wall_start) * self.physics_rate_hz * self.rtf) - self._physics_ticks
         if due > MAX_CATCH_UP_TICKS:
             # too far behind (a busy CPU): drop the backlog instead of running faster than real time
             self.lagged_ticks += due - MAX_CATCH_UP_TICKS
@@ -258,13 +279,19 @@ class ArmSimNode(Node):
             self._announced_at = now
             self._observe_at = now + LOCKSTEP_ANNOUNCE_LEAD_S
             self.start_pub.publish(Int32(data=self.episode))
+            # the new episode's vector values go out with the announcement: the policy keeps the last
+            # values it got, the previous episode's, until they arrive
+            self._publish_vectors()
         if self.state == WAITING and now >= getattr(self, "_observe_at", math.inf):
             self._observe_at = math.inf
             self._publish_state()
+        if self.state == RUNNING and now >= self._state_due:
+            self._state_due = math.inf
+            self._publish_joint_state()
 
     def _lockstep_control_period(self) -> None:
         """One control period of physics with the command just received, then the next observation."""
-        for _ in range(TICKS_PER_CONTROL):
+        for _ in range(self.ticks_per_control):
             self.clock_s += self.dt
             self.sim.step_physics(self.target[None])
             if self.sim.done[0]:
@@ -272,8 +299,11 @@ class ArmSimNode(Node):
         self._path.append(self.sim.ee_position()[0].copy())
         if self.sim.done[0]:
             self._end_episode()
+        elif self._publish_vectors():
+            # a vector changed: it goes out now, the observation that triggers the policy a moment later
+            self._state_due = time.monotonic() + LOCKSTEP_ANNOUNCE_LEAD_S
         else:
-            self._publish_state()
+            self._publish_joint_state()
 
     def _physics_tick(self) -> None:
         self._physics_ticks += 1
@@ -289,7 +319,7 @@ class ArmSimNode(Node):
         if self.state != RUNNING:
             return
         self.sim.step_physics(self._current_target()[None])
-        if int(self.sim.ticks[0]) % TICKS_PER_CONTROL == 0:
+        if int(self.sim.ticks[0]) % self.ticks_per_control == 0:
             self._path.append(self.sim.ee_position()[0].copy())
         if self.sim.done[0]:
             self._path.append(self.sim.ee_position()[0].copy())
@@ -299,8 +329,26 @@ class ArmSimNode(Node):
         sec = int(self.clock_s)
         return Time(sec=sec, nanosec=int((self.clock_s - sec) * 1e9))
 
+    def _publish_vectors(self) -> bool:
+        """Publish the task's vector observation fields; whether any value differs from the last one sent."""
+        if not self.vector_fields:
+            return False
+        values = self.sim.vector_observations(0)
+        changed = False
+        for obs_field in self.vector_fields:
+            data = [float(v) for v in values[obs_field.name]]
+            changed |= self._published_vectors.get(obs_field.name) != data
+            self._published_vectors[obs_field.name] = data
+            self.vector_pubs[obs_field.name].publish(Float64MultiArray(data=data))
+        return changed
+
     def _publish_state(self) -> None:
-        msg = JointState(name=list(JOINT_NAMES), position=self.sim.q[0].tolist(),
+        """The task's vector fields, then ``joint_states``."""
+        self._publish_vectors()
+        self._publish_joint_state()
+
+    def _publish_joint_state(self) -> None:
+        msg = JointState(name=list(self.joint_names), position=self.sim.q[0].tolist(),
                          velocity=self.sim.qdot[0].tolist())
         msg.header.stamp = self.get_clock().now().to_msg() if self.lockstep else self._stamp()
         self.joint_pub.publish(msg)

@@ -16,8 +16,7 @@ from rclpy.node import Node
 from std_msgs.msg import Float64, Float64MultiArray, Int32, String
 
 from vdd_ros.ros.arm_sim_node import RESULT_QOS
-from vdd_ros.tasks import arm_avoid
-from vdd_ros.tasks.arm_avoid import N_ROUTES, behaviour_entropy
+from vdd_ros.tasks.registry import TASKS, task_module
 
 
 class EpisodeMonitor:
@@ -79,18 +78,22 @@ class EpisodeMonitor:
         rclpy.try_shutdown(context=self.context)
 
 
-def summarize_results(results: list[dict]) -> dict:
-    """The offline rollout metrics (``RolloutResult.to_dict`` keys) of episodes scored over ROS."""
+def summarize_results(results: list[dict], task: str = "arm_avoid") -> dict:
+    """The offline rollout metrics (``RolloutResult.to_dict`` keys, and ``timeout_rate``) of episodes
+    of the built-in ``task`` scored over ROS."""
+    module = task_module(task)
+    n_routes, behaviour_entropy = module.N_ROUTES, module.behaviour_entropy
     results = sorted(results, key=lambda r: r["episode"])
     routes = [r["route"] for r in results]
     n = len(results)
     times = [r["duration_s"] for r in results if r["success"]]
-    counts = np.bincount([r for r in routes if r is not None], minlength=N_ROUTES)
+    counts = np.bincount([r for r in routes if r is not None], minlength=n_routes)
     return {"episodes": n,
             "success_rate": float(np.mean([r["success"] for r in results])) if n else 0.0,
             "collision_rate": float(np.mean([r["collision"] for r in results])) if n else 0.0,
+            "timeout_rate": float(np.mean([r["timeout"] for r in results])) if n else 0.0,
             "entropy": behaviour_entropy(routes), "routes_covered": len({r for r in routes if r is not None}),
-            "n_routes": N_ROUTES, "route_counts": [int(c) for c in counts],
+            "n_routes": n_routes, "route_counts": [int(c) for c in counts],
             "mean_time_to_finish_s": float(np.mean(times)) if times else None}
 
 
@@ -102,16 +105,23 @@ def latency_summary(seconds) -> dict:
             "max_ms": float(arr.max())}
 
 
+def spec_task(spec) -> str:
+    """The built-in task a model's spec names (a spec without a built-in task: arm_avoid, the default)."""
+    return spec.task if spec.task in TASKS else "arm_avoid"
+
+
 def task_frame_columns(spec) -> list[int]:
-    """Columns of the arm_avoid simulator's frame (positions then velocities) that the model's fields read."""
+    """Columns of the task simulator's frame (arm_avoid: positions then velocities; arm_sort: positions
+    then visited flags) that the model's fields read."""
+    task = spec_task(spec)
     offsets, offset = {}, 0
-    for task_field in arm_avoid.task_spec(1, 1).observation_fields:
+    for task_field in task_module(task).task_spec(1, 1).observation_fields:
         offsets[task_field.name] = (offset, task_field)
         offset += task_field.size
     columns = []
     for model_field in spec.observation_fields:
         if model_field.name not in offsets or offsets[model_field.name][1].size != model_field.size:
-            raise ValueError(f"observation field '{model_field.name}' (size {model_field.size}): the arm_avoid "
+            raise ValueError(f"observation field '{model_field.name}' (size {model_field.size}): the {task} "
                              f"simulator provides {[(n, f.size) for n, (_, f) in offsets.items()]}")
         start = offsets[model_field.name][0]
         columns.extend(range(start, start + model_field.size))
@@ -119,13 +129,14 @@ def task_frame_columns(spec) -> list[int]:
 
 
 def offline_rollout(policy, n_episodes: int, seed: int, greedy: bool, rng=None, batch_size: int = 128):
-    """``tasks.arm_avoid.rollout`` of a runtime Policy (``act_batch``), reading the fields its spec names.
+    """The ``rollout`` of the spec's task for a runtime Policy (``act_batch``), reading the fields its spec names.
 
     ``batch_size=1`` reproduces the node's single-observation calls bit for bit (onnxruntime's kernels,
     and so the float32 rounding, depend on the batch size, which can flip a near-tie between experts).
     """
     columns = task_frame_columns(policy.spec)
     rng = np.random.default_rng(seed) if rng is None else rng
-    return arm_avoid.rollout(lambda windows: policy.act_batch(windows[..., columns], rng, greedy=greedy),
-                             n_episodes, seed=seed, history=policy.spec.history,
-                             execute_steps=policy.spec.model_info.get("execute_steps"), batch_size=batch_size)
+    task = task_module(spec_task(policy.spec))
+    return task.rollout(lambda windows: policy.act_batch(windows[..., columns], rng, greedy=greedy),
+                        n_episodes, seed=seed, history=policy.spec.history,
+                        execute_steps=policy.spec.model_info.get("execute_steps"), batch_size=batch_size)

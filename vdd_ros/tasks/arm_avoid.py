@@ -321,6 +321,12 @@ def task_spec(history: int, horizon: int, normalization: Normalization | None = 
     )
 
 
+def initial_frames(n: int, seed: int) -> np.ndarray:
+    """``n`` observation frames at random start poses, at rest (for latency measurements)."""
+    starts = ArmSim(batch=1).sample_start(np.random.default_rng(seed), n)
+    return np.concatenate([starts, np.zeros_like(starts)], axis=-1)
+
+
 # --- rollouts -----------------------------------------------------------------------
 @dataclass
 class RolloutResult:
@@ -623,6 +629,10 @@ def route_colors():
 
     cmap = matplotlib.colormaps["tab20"]
     return [cmap(i) for i in range(20) if i not in (6, 7, 14, 15)][:N_ROUTES]
+
+
+def route_label(route: int) -> str:
+    return str(route)
 
 
 def draw_workspace(ax, config: ArmAvoidConfig = DEFAULT_CONFIG, q_start: np.ndarray | None = None) -> None:

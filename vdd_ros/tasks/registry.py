@@ -14,6 +14,7 @@ from vdd_ros.validation import check_choice
 
 TASKS = {
     "arm_avoid": "vdd_ros.tasks.arm_avoid",
+    "arm_sort": "vdd_ros.tasks.arm_sort",
 }
 
 
