@@ -101,21 +101,23 @@ def tiny_models(model_dir) -> SimpleNamespace:
                            denoiser=folder / "denoiser.onnx", spec=tiny_spec, **vars(TINY))
 
 
-def train_tiny_arm_student(path, steps: int = 1500, seed: int = 0) -> Path:
-    """A small arm_avoid mixture cloned from the scripted demonstrations (winner-takes-all), exported to ONNX."""
+def clone_tiny_student(path, demonstrations, n_experts: int, hidden: int, steps: int, seed: int) -> Path:
+    """A small mixture (history 2, chunks of 8, 4 executed) cloned from scripted ``demonstrations``
+    (winner-takes-all on the expert means, gating trained on the winner), exported to ONNX at ``path``."""
     import torch
 
     from vdd_ros.learn.backbones import BackboneConfig
     from vdd_ros.learn.export import export_student
     from vdd_ros.learn.moe import MixtureOfExpertsPolicy
-    from vdd_ros.learn.pipeline import load_demonstrations, prepare_training_data
+    from vdd_ros.learn.pipeline import prepare_training_data
 
     torch.manual_seed(seed)
     torch.set_num_threads(1)
-    data = prepare_training_data(load_demonstrations(episodes=160, dataset_seed=seed), 2, 8, "em_mixture")
+    data = prepare_training_data(demonstrations, 2, 8, "em_mixture")
     spec = data.spec.replace(model_info={"execute_steps": 4})
-    model = MixtureOfExpertsPolicy(spec.obs_step_dim, 2, spec.act_dim, 4, BackboneConfig(hidden=128, mlp_layers=2),
-                                   covariance="diagonal", mean_init_spread=0.5)
+    model = MixtureOfExpertsPolicy(spec.obs_step_dim, 2, spec.act_dim, n_experts,
+                                   BackboneConfig(hidden=hidden, mlp_layers=2), covariance="diagonal",
+                                   mean_init_spread=0.5)
     obs, act = torch.from_numpy(data.observations), torch.from_numpy(data.actions)
     optimiser = torch.optim.Adam(model.parameters(), 3e-3)
     generator = torch.Generator().manual_seed(seed)
@@ -131,6 +133,13 @@ def train_tiny_arm_student(path, steps: int = 1500, seed: int = 0) -> Path:
         optimiser.step()
     export_student(model, spec, path)
     return Path(path)
+
+
+def train_tiny_arm_student(path, steps: int = 1500, seed: int = 0) -> Path:
+    """A small arm_avoid mixture (4 experts, 128x2) cloned from 160 scripted demonstrations."""
+    from vdd_ros.learn.pipeline import load_demonstrations
+
+    return clone_tiny_student(path, load_demonstrations(episodes=160, dataset_seed=seed), 4, 128, steps, seed)
 
 
 @pytest.fixture(scope="session")

@@ -166,37 +166,13 @@ def test_sim_in_real_time_scores_like_offline_rollouts(tmp_path, domain_id, arm_
 
 
 def train_tiny_sort_student(path, steps: int = 600, seed: int = 0):
-    """A small arm_sort mixture cloned from its scripted demonstrations (winner-takes-all), exported to ONNX:
-    it reads joint positions and the ``visited`` flags the sim publishes on ``task_state``."""
-    import torch
+    """A small arm_sort mixture (3 experts, 64x2) cloned from its scripted demonstrations: it reads joint
+    positions and the ``visited`` flags the sim publishes on ``task_state``."""
+    from conftest import clone_tiny_student
 
-    from vdd_ros.learn.backbones import BackboneConfig
-    from vdd_ros.learn.export import export_student
-    from vdd_ros.learn.moe import MixtureOfExpertsPolicy
-    from vdd_ros.learn.pipeline import prepare_training_data
     from vdd_ros.tasks import arm_sort
 
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)
-    data = prepare_training_data(arm_sort.generate_demonstrations(60, seed), 2, 8, "em_mixture")
-    spec = data.spec.replace(model_info={"execute_steps": 4})
-    model = MixtureOfExpertsPolicy(spec.obs_step_dim, 2, spec.act_dim, 3, BackboneConfig(hidden=64, mlp_layers=2),
-                                   covariance="diagonal", mean_init_spread=0.5)
-    obs, act = torch.from_numpy(data.observations), torch.from_numpy(data.actions)
-    optimiser = torch.optim.Adam(model.parameters(), 3e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        rows = torch.randint(0, len(obs), (256,), generator=generator)
-        features = model.features(obs[rows])
-        errors = (model.expert_means(features) - act[rows][:, None]).pow(2).mean(-1)
-        best = errors.argmin(-1)
-        loss = errors.gather(1, best[:, None]).mean() + 0.1 * torch.nn.functional.cross_entropy(
-            model.gating_logits(obs[rows], features), best)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    export_student(model, spec, path)
-    return path
+    return clone_tiny_student(path, arm_sort.generate_demonstrations(60, seed), 3, 64, steps, seed)
 
 
 def test_arm_sort_sim_in_lockstep_scores_exactly_like_offline_rollouts(tmp_path, domain_id):

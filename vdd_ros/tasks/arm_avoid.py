@@ -28,6 +28,7 @@ import numpy as np
 from vdd_ros.data.dataset import DemoDataset
 from vdd_ros.files import save_figure
 from vdd_ros.spec import ModelSpec, Normalization, ObservationField
+from vdd_ros.tasks.rollout import closed_loop
 from vdd_ros.validation import check_int, fail
 
 TASK_NAME = "arm_avoid"
@@ -398,40 +399,9 @@ def rollout(policy: Callable[[np.ndarray], np.ndarray], n_episodes: int, seed: i
     A policy with a ``start_batch(n, rng)`` method is told before each batch of ``n`` new episodes.
     """
     config = config or DEFAULT_CONFIG
-    check_int("history", history, 1)
-    if execute_steps is not None:
-        check_int("execute_steps", execute_steps, 1)
-    rng = np.random.default_rng(seed)
-    starts = ArmSim(config, 1).sample_start(rng, n_episodes)
-    parts = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=n_episodes, desc="rollout", unit="ep")
-    for begin in range(0, n_episodes, batch_size):
-        q0 = starts[begin:begin + batch_size]
-        sim = ArmSim(config, len(q0))
-        sim.reset(rng, q0)
-        if hasattr(policy, "start_batch"):
-            policy.start_batch(len(q0), rng)
-        frames = [sim.observation_frame()]
-        while not sim.done.all():
-            window = np.stack([frames[max(len(frames) - history + k, 0)] for k in range(history)], axis=1)
-            actions = np.asarray(policy(window), dtype=np.float64)
-            if actions.ndim != 3 or actions.shape[0] != len(q0) or actions.shape[2] != len(JOINT_NAMES):
-                fail("policy output", f"shape [{len(q0)}, H, {len(JOINT_NAMES)}]", list(actions.shape))
-            steps = actions.shape[1] if execute_steps is None else min(execute_steps, actions.shape[1])
-            for step in range(steps):
-                for _ in range(TICKS_PER_CONTROL):
-                    sim.step_physics(actions[:, step])
-                frames.append(sim.observation_frame())
-                if sim.done.all():
-                    break
-        parts.append(_result_from_sim(sim))
-        if bar is not None:
-            bar.update(len(q0))
-    if bar is not None:
-        bar.close()
+    sims = closed_loop(policy, n_episodes, seed, history, execute_steps, batch_size, progress,
+                       lambda n: ArmSim(config, n), len(JOINT_NAMES), TICKS_PER_CONTROL)
+    parts = [_result_from_sim(sim) for sim in sims]
     return _concat_results(parts) if parts else RolloutResult(np.zeros(0, bool), np.zeros(0, bool), [],
                                                               np.zeros(0), [])
 
