@@ -148,16 +148,19 @@ def test_eval_reports_greedy_and_every_expert_forced_alone(tmp_path, capsys):
 
     torch.set_num_threads(1)
     modules = tuple(dict.fromkeys(cli_main.SUBCOMMAND_MODULES + ("vdd_ros.cli.learn",)))
-    data = tmp_path / "d.npz"
-    arm_sort.generate_demonstrations(24, seed=1).save(str(data))
     em = tmp_path / "em.pt"
     original = cli_main.SUBCOMMAND_MODULES
     cli_main.SUBCOMMAND_MODULES = modules
     try:
-        assert cli_main.main(["train-em", "--dataset", str(data), "--out", str(em), "--set", "iterations=4",
+        # no per-task settings: the chunk (0.8 s at 10 Hz) and the fields (no velocities) come from the data
+        assert cli_main.main(["train-em", "--set", "task=arm_sort", "--set", "episodes=24", "--set", "dataset_seed=1",
+                              "--out", str(em), "--set", "iterations=4",
                               "--set", "n_experts=3", "--set", "backbone.hidden=32", "--set", "backbone.mlp_layers=2",
-                              "--set", "horizon=8", "--set", "execute_steps=4", "--set", "observation_fields=[]",
                               "--quiet"]) == 0
+        derived = capsys.readouterr().out
+        assert "horizon 8 actions (0.8 s at the demonstrations' 10 Hz)" in derived
+        assert "execute_steps 4 (half the horizon)" in derived
+        assert "observation fields ['joint_position', 'visited']" in derived
         table = tmp_path / "eval.json"
         assert cli_main.main(["eval", "--em", str(em), "--episodes", "4", "--expert-episodes", "3",
                               "--timing-repeats", "2", "--json", str(table), "--plot", str(tmp_path / "e.png")]) == 0
@@ -176,6 +179,9 @@ def test_eval_reports_greedy_and_every_expert_forced_alone(tmp_path, capsys):
     assert row["greedy"]["episodes"] == 3 and all(e["episodes"] == 3 for e in row["experts"])
     # forcing an expert really picks that expert's mean
     checkpoint = load_checkpoint(str(em))
+    assert checkpoint.spec.action_horizon == 8 and checkpoint.spec.model_info["execute_steps"] == 4
+    assert [f.name for f in checkpoint.spec.observation_fields] == ["joint_position", "visited"]
+    assert checkpoint.config["horizon"] == 8 and checkpoint.config["task"] == "arm_sort"
     windows = arm_sort.initial_frames(5, 0)[:, None].repeat(checkpoint.spec.history, 1)
     chunks = [MixturePolicy(checkpoint.model, checkpoint.spec, forced_expert=k)(windows) for k in range(3)]
     assert not np.allclose(chunks[0], chunks[1])

@@ -163,3 +163,23 @@ def test_overrides_parse_nested_yaml_values():
         "a": 1, "backbone": {"hidden": 64}, "name": "mlp", "x": [1, 2], "flag": True, "none": None}
     with pytest.raises(ValueError, match="expected key=value"):
         parse_overrides(["iterations"])
+
+
+def test_data_choices_derive_the_chunk_and_fields_from_the_demonstrations():
+    """One default for every task: 0 / [] resolve against the demonstrations' spec, and each derived value says so."""
+    from vdd_ros.learn.pipeline import choose_data
+    from vdd_ros.tasks import arm_avoid, arm_sort
+
+    avoid = choose_data(arm_avoid.task_spec(2, 1))
+    assert (avoid.horizon, avoid.execute_steps, avoid.observation_fields) == (16, 8, ("joint_position",))
+    assert any("left out: ['joint_velocity']" in note for note in avoid.notes)
+    sort = choose_data(arm_sort.task_spec(2, 1))
+    assert (sort.horizon, sort.execute_steps, sort.observation_fields) == (8, 4, ("joint_position", "visited"))
+    given = choose_data(arm_avoid.task_spec(2, 1), 4, 2, ["joint_velocity", "joint_position"])
+    assert (given.horizon, given.execute_steps, given.observation_fields, given.notes) == (
+        4, 2, ("joint_position", "joint_velocity"), ())
+    assert choose_data(arm_avoid.task_spec(2, 1), 4).execute_steps == 2
+    with pytest.raises(ValueError, match=r"execute_steps: expected <= horizon=4, got 6"):
+        choose_data(arm_avoid.task_spec(2, 1), 4, 6)
+    with pytest.raises(ValueError, match=r"observation_fields: expected names from .*unknown \['visited'\]"):
+        choose_data(arm_avoid.task_spec(2, 1), observation_fields=["visited"])

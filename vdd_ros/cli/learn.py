@@ -268,6 +268,21 @@ def _jsonable(history: dict) -> dict:
     return json.loads(json.dumps(history, default=float))
 
 
+def _teacher_task(teacher) -> str:
+    """The built-in task whose generated demonstrations the teacher was trained on (used when no dataset)."""
+    return teacher.config.get("task") or teacher.spec.task or TeacherConfig().task
+
+
+def _choose_data(command: str, spec, config):
+    """The config's chunk and observation fields resolved against the demonstrations (derived ones printed)."""
+    from vdd_ros.learn.pipeline import choose_data
+
+    choices = choose_data(spec, config.horizon, config.execute_steps, config.observation_fields)
+    for note in choices.notes:
+        print(f"vdd {command}: {note}", flush=True)
+    return choices
+
+
 # --- train-teacher -------------------------------------------------------------------
 def run_train_teacher(args) -> int:
     config = build_config(TeacherConfig, args)
@@ -276,12 +291,14 @@ def run_train_teacher(args) -> int:
     from vdd_ros.learn.diffusion import train_teacher
     from vdd_ros.learn.pipeline import action_reference, load_demonstrations, prepare_training_data
 
-    dataset = load_demonstrations(config.dataset, config.episodes, config.dataset_seed, progress=not args.quiet)
-    training = prepare_training_data(dataset, config.history, config.horizon, "diffusion_teacher",
-                                     observation_fields=config.observation_fields)
+    dataset = load_demonstrations(config.dataset, config.episodes, config.dataset_seed, config.task,
+                                  progress=not args.quiet)
+    choices = _choose_data("train-teacher", dataset.spec, config)
+    training = prepare_training_data(dataset, config.history, choices.horizon, "diffusion_teacher",
+                                     observation_fields=choices.observation_fields)
     reference = action_reference(training.spec, config.relative_to)
-    spec = training.spec.replace(model_info={"execute_steps": config.execute_steps, "n_steps": config.n_steps})
-    saved = config.to_dict()
+    spec = training.spec.replace(model_info={"execute_steps": choices.execute_steps, "n_steps": config.n_steps})
+    saved = dict(config.to_dict(), **choices.as_config())
     print(f"vdd train-teacher: writing {out}", flush=True)
 
     def periodic(model, history):
@@ -318,7 +335,8 @@ def run_distill(args) -> int:
         "episodes", teacher_defaults.episodes)
     dataset_seed = config.dataset_seed if config.dataset_seed is not None else teacher.config.get(
         "dataset_seed", teacher_defaults.dataset_seed)
-    dataset = load_demonstrations(dataset_path, episodes, dataset_seed, progress=not args.quiet)
+    dataset = load_demonstrations(dataset_path, episodes, dataset_seed, _teacher_task(teacher),
+                                  progress=not args.quiet)
     field_names = [f.name for f in teacher.spec.observation_fields]
     comparable = dataset.spec.replace(history=teacher.spec.history, action_horizon=teacher.spec.action_horizon)
     if set(field_names) <= {f.name for f in dataset.spec.observation_fields}:
@@ -363,16 +381,18 @@ def run_train_em(args) -> int:
     from vdd_ros.learn.em import train_em
     from vdd_ros.learn.pipeline import load_demonstrations, prepare_training_data
 
-    dataset = load_demonstrations(config.dataset, config.episodes, config.dataset_seed, progress=not args.quiet)
-    training = prepare_training_data(dataset, config.history, config.horizon, "em_mixture",
-                                     observation_fields=config.observation_fields)
-    spec = training.spec.replace(model_info={"execute_steps": config.execute_steps})
+    dataset = load_demonstrations(config.dataset, config.episodes, config.dataset_seed, config.task,
+                                  progress=not args.quiet)
+    choices = _choose_data("train-em", dataset.spec, config)
+    training = prepare_training_data(dataset, config.history, choices.horizon, "em_mixture",
+                                     observation_fields=choices.observation_fields)
+    spec = training.spec.replace(model_info={"execute_steps": choices.execute_steps})
     print(f"vdd train-em: writing {out}", flush=True)
     started = time.perf_counter()
     model = train_em(training.observations, training.actions, config, progress=not args.quiet)
     seconds = time.perf_counter() - started
     history = _jsonable(dict(getattr(model, "training_history", {}), wall_time_s=seconds))
-    _save(out, model, "em_mixture", spec, config.to_dict(), history)
+    _save(out, model, "em_mixture", spec, dict(config.to_dict(), **choices.as_config()), history)
     _summary(out=out, samples=len(training.observations), seconds=round(seconds, 1))
     return 0
 

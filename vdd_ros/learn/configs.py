@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from vdd_ros.tasks.registry import TASKS
 from vdd_ros.validation import FieldError, check_bool, check_choice, check_float, check_int, fail
 
 BACKBONE_KINDS = ("mlp", "transformer")
@@ -256,14 +257,14 @@ class TeacherConfig(ConfigBase):
     iterations: int = knob(60000, "optimiser steps")
     ema_decay: float = knob(0.999, "decay of the exponential moving average of the weights (the EMA copy is saved)")
     history: int = knob(2, "observation frames in the window")
-    horizon: int = knob(16, "actions per predicted chunk")
-    execute_steps: int = knob(8, "actions of each chunk executed before re-planning")
-    observation_fields: list[str] = knob(["joint_position"], "frame fields the model reads ([]: all; velocities "
-                                         "invite an unstable copycat loop)")
+    horizon: int = knob(0, "actions per predicted chunk (0: 0.8 s at the demonstrations' control rate)")
+    execute_steps: int = knob(0, "actions of each chunk executed before re-planning (0: half the horizon)")
+    observation_fields: list[str] = knob([], "frame fields the model reads ([]: all but joint velocities)")
     relative_to: str = knob("", "joint-position field the chunk is denoised relative to (empty: absolute)")
     obs_noise: float = knob(0.0, "std of Gaussian noise on the normalised observations while training")
     seed: int = knob(0, "seeds initialisation, batches and noise")
-    dataset: str = knob("", "demonstration .npz (empty: generate the arm task's demos)")
+    dataset: str = knob("", "demonstration .npz (empty: generate demonstrations of the built-in task)")
+    task: str = knob("arm_avoid", "built-in task whose demonstrations are generated when dataset is empty")
     episodes: int = knob(1000, "generated demonstrations (dataset empty)")
     dataset_seed: int = knob(0, "seed of the generated demonstrations")
     checkpoint_every: int = knob(5000, "iterations between periodic checkpoints (0: only at the end)")
@@ -276,15 +277,13 @@ class TeacherConfig(ConfigBase):
             fail(f"{owner}.backbone", "a BackboneConfig", self.backbone)
         self.backbone.validate()
         check_sampling(self.sigma_min, self.sigma_max, self.rho, self.n_steps, self.sigma_data, owner)
-        for name in ("noise_embed_dim", "batch_size", "iterations", "history", "horizon", "execute_steps",
-                     "episodes"):
+        for name in ("noise_embed_dim", "batch_size", "iterations", "history", "episodes"):
             check_int(f"{owner}.{name}", getattr(self, name), 1)
-        for name in ("checkpoint_every", "seed", "dataset_seed"):
+        for name in ("checkpoint_every", "seed", "dataset_seed", "horizon", "execute_steps"):
             check_int(f"{owner}.{name}", getattr(self, name), 0)
         if self.noise_embed_dim % 2:
             fail(f"{owner}.noise_embed_dim", "an even integer", self.noise_embed_dim)
-        if self.execute_steps > self.horizon:
-            fail(f"{owner}.execute_steps", f"<= horizon={self.horizon}", self.execute_steps)
+        check_data_choice_fields(self, owner)
         for name in ("lr", "P_std"):
             check_float(f"{owner}.{name}", getattr(self, name), 0.0, strict_low=True)
         for name in ("weight_decay", "obs_noise"):
@@ -293,14 +292,22 @@ class TeacherConfig(ConfigBase):
         check_float(f"{owner}.ema_decay", self.ema_decay, 0.0, 1.0)
         if self.ema_decay >= 1.0:
             fail(f"{owner}.ema_decay", "a number in [0, 1)", self.ema_decay)
-        if not isinstance(self.observation_fields, (list, tuple)) or not all(
-                isinstance(name, str) and name for name in self.observation_fields):
-            fail(f"{owner}.observation_fields", "a list of field names", self.observation_fields)
         if not isinstance(self.relative_to, str):
             fail(f"{owner}.relative_to", "an observation field name or ''", self.relative_to)
         if not isinstance(self.dataset, str):
             fail(f"{owner}.dataset", "a path string", self.dataset)
         return self
+
+
+def check_data_choice_fields(config, owner: str) -> None:
+    """Checks of the data-choosing fields TeacherConfig and EMConfig share (0 / [] are resolved
+    against the demonstrations by ``learn.pipeline.choose_data``)."""
+    if config.horizon and config.execute_steps > config.horizon:
+        fail(f"{owner}.execute_steps", f"<= horizon={config.horizon}", config.execute_steps)
+    if not isinstance(config.observation_fields, (list, tuple)) or not all(
+            isinstance(name, str) and name for name in config.observation_fields):
+        fail(f"{owner}.observation_fields", "a list of field names", config.observation_fields)
+    check_choice(f"{owner}.task", config.task, sorted(TASKS))
 
 
 def validate_mixture_fields(config, owner: str) -> None:
@@ -482,10 +489,12 @@ class EMConfig(ConfigBase):
     seed: int = knob(0, "seeds parameters and batches")
     device: str = knob("cpu", "torch device of the run")
     num_threads: int | None = knob(1, "torch threads for the run (null: leave torch's setting)")
-    horizon: int = knob(16, "vdd train-em: actions per chunk (the teacher's)")
-    execute_steps: int = knob(8, "vdd train-em: actions executed per chunk before re-planning")
-    observation_fields: list[str] = knob(["joint_position"], "vdd train-em: frame fields the model reads ([]: all)")
-    dataset: str = knob("", "vdd train-em: demonstration .npz (empty: generate the arm task's demos)")
+    horizon: int = knob(0, "vdd train-em: actions per chunk (0: 0.8 s at the demonstrations' control rate)")
+    execute_steps: int = knob(0, "vdd train-em: actions executed per chunk before re-planning (0: half the horizon)")
+    observation_fields: list[str] = knob([], "vdd train-em: frame fields the model reads ([]: all but joint "
+                                         "velocities)")
+    dataset: str = knob("", "vdd train-em: demonstration .npz (empty: generate demonstrations of the built-in task)")
+    task: str = knob("arm_avoid", "vdd train-em: built-in task whose demonstrations are generated (dataset empty)")
     episodes: int = knob(1000, "vdd train-em: generated demonstrations (dataset empty)")
     dataset_seed: int = knob(0, "vdd train-em: seed of the generated demonstrations")
 
@@ -498,14 +507,11 @@ class EMConfig(ConfigBase):
     def validate(self) -> EMConfig:
         owner = "EMConfig"
         validate_mixture_fields(self, owner)
-        for name in ("batch_size", "history", "horizon", "execute_steps", "episodes"):
+        for name in ("batch_size", "history", "episodes"):
             check_int(f"{owner}.{name}", getattr(self, name), 1)
-        check_int(f"{owner}.dataset_seed", self.dataset_seed, 0)
-        if self.execute_steps > self.horizon:
-            fail(f"{owner}.execute_steps", f"<= horizon={self.horizon}", self.execute_steps)
-        if not isinstance(self.observation_fields, (list, tuple)) or not all(
-                isinstance(name, str) and name for name in self.observation_fields):
-            fail(f"{owner}.observation_fields", "a list of field names", self.observation_fields)
+        for name in ("dataset_seed", "horizon", "execute_steps"):
+            check_int(f"{owner}.{name}", getattr(self, name), 0)
+        check_data_choice_fields(self, owner)
         if not isinstance(self.dataset, str):
             fail(f"{owner}.dataset", "a path string ('' to generate demonstrations)", self.dataset)
         return self

@@ -38,6 +38,57 @@ def load_demonstrations(dataset: str = "", episodes: int = 200, dataset_seed: in
     return task_module(task).generate_demonstrations(episodes, dataset_seed, progress=progress)
 
 
+CHUNK_SECONDS = 0.8  # default chunk length in time: 16 actions at 20 Hz (arm_avoid), 8 at 10 Hz (arm_sort)
+
+
+@dataclass(frozen=True)
+class DataChoices:
+    """The chunk and observation fields a training run uses, with how each was chosen."""
+
+    horizon: int
+    execute_steps: int
+    observation_fields: tuple[str, ...]
+    notes: tuple[str, ...]  # one line per derived value, printed by the CLI
+
+    def as_config(self) -> dict:
+        return {"horizon": self.horizon, "execute_steps": self.execute_steps,
+                "observation_fields": list(self.observation_fields)}
+
+
+def choose_data(spec: ModelSpec, horizon: int = 0, execute_steps: int = 0,
+                observation_fields: list[str] | tuple[str, ...] = ()) -> DataChoices:
+    """Resolve the task-dependent data choices of a config against the demonstrations' spec.
+
+    ``horizon`` 0: ``CHUNK_SECONDS`` at the spec's control rate (at least 1 action).
+    ``execute_steps`` 0: half the horizon (at least 1).
+    ``observation_fields`` empty: every field of the frame except joint velocities (a window of
+    positions already carries the velocity, and reading measured velocities invited an unstable
+    copycat loop on the arm task).
+    """
+    notes = []
+    rate = float(spec.control_rate_hz)
+    if not horizon:
+        horizon = max(1, round(CHUNK_SECONDS * rate))
+        notes.append(f"horizon {horizon} actions ({CHUNK_SECONDS:g} s at the demonstrations' {rate:g} Hz)")
+    if not execute_steps:
+        execute_steps = max(1, horizon // 2)
+        notes.append(f"execute_steps {execute_steps} (half the horizon)")
+    if execute_steps > horizon:
+        raise ValueError(f"execute_steps: expected <= horizon={horizon}, got {execute_steps}")
+    names = [f.name for f in spec.observation_fields]
+    if observation_fields:
+        field_columns(spec.observation_fields, observation_fields)  # unknown names fail here, by name
+        chosen = tuple(n for n in names if n in set(observation_fields))
+    else:
+        chosen = tuple(f.name for f in spec.observation_fields if f.kind != "joint_velocity")
+        left_out = [n for n in names if n not in chosen]
+        notes.append(f"observation fields {list(chosen)}"
+                     + (f" (left out: {left_out}, joint velocities)" if left_out else ""))
+    if not chosen:
+        raise ValueError(f"observation_fields: expected at least one field of {names}, got none")
+    return DataChoices(horizon, execute_steps, chosen, tuple(notes))
+
+
 def field_columns(fields, names) -> tuple[tuple, list[int]]:
     """The observation fields named ``names`` (all when empty, in frame order) and their columns in a frame."""
     names = list(names or [])
