@@ -13,6 +13,7 @@ import sys
 # (module, ...) in the order ``vdd --help`` lists them
 SUBCOMMAND_MODULES = (
     "vdd_ros.cli.demos",
+    "vdd_ros.cli.imports",
     "vdd_ros.cli.render",
     "vdd_ros.cli.learn",
     "vdd_ros.cli.export",
