@@ -378,6 +378,10 @@ class VDDConfig(ConfigBase):
     reinit_fractions: list[float] = knob([], "when duplicate or dead experts are re-initialised ([]: never)")
     reinit_distance: float = knob(10.0, "duplicate: mean gap below this many of its stds, averaged over states")
     reinit_batch_size: int = knob(4096, "actions scored to find the worst-explained region")
+    merge_fractions: list[float] = knob([], "when experts on one mode are merged into identical duplicates ([]: never)")
+    merge_distance: float = knob(1.5, "merge: a lighter expert's mean within this many stds of a heavier one's")
+    merge_tolerance: float = knob(0.05, "merge: largest loss of the group's log-likelihood (nats per action dim)")
+    merge_batch_size: int = knob(2048, "merge: (state, action) pairs the merge is decided on")
     warm_start_iterations: int = knob(3000, "EM iterations on the demonstrations before VDD (0: no warm start)")
     lr_warmup_iterations: int = knob(0, "after a warm start: VDD iterations over which both rates ramp up from 0")
     validation_every: int = knob(500, "guard: iterations between validation-signal evaluations (0: no guard)")
@@ -397,14 +401,15 @@ class VDDConfig(ConfigBase):
                       sigma_min=0.2, sigma_max=0.5, sigma_anneal=True, sigma_final_max=0.05,
                       covariance="full", init_std=1.0, mean_init_spread=1.5, gating="detached_features",
                       backbone=dict(activation="mish"), gating_warmup_fraction=0.7,
-                      reinit_fractions=[0.15, 0.3, 0.45], reinit_distance=1.0, warm_start_iterations=0),
+                      reinit_fractions=[0.15, 0.3, 0.45], reinit_distance=1.0, warm_start_iterations=0,
+                      merge_fractions=[0.8]),
     }
 
     def validate(self) -> VDDConfig:
         """Raise ValueError naming the field, the expected and the actual value."""
         owner = "VDDConfig"
         validate_mixture_fields(self, owner)
-        for name in ("batch_size", "samples_per_expert", "gating_batch_size", "reinit_batch_size"):
+        for name in ("batch_size", "samples_per_expert", "gating_batch_size", "reinit_batch_size", "merge_batch_size"):
             check_int(f"{owner}.{name}", getattr(self, name), 1)
         check_int(f"{owner}.validation_states", self.validation_states, 1)
         check_bool(f"{owner}.guard_fallback", self.guard_fallback)
@@ -431,6 +436,14 @@ class VDDConfig(ConfigBase):
             check_float(f"{owner}.reinit_fractions", value, 0.0, strict_low=True)
             if value >= 1:
                 fail(f"{owner}.reinit_fractions", "numbers in (0, 1)", list(self.reinit_fractions))
+        check_float(f"{owner}.merge_distance", self.merge_distance, 0.0, strict_low=True)
+        check_float(f"{owner}.merge_tolerance", self.merge_tolerance, 0.0)
+        if not isinstance(self.merge_fractions, (tuple, list)):
+            fail(f"{owner}.merge_fractions", "a list of numbers in (0, 1)", self.merge_fractions)
+        for value in self.merge_fractions:
+            check_float(f"{owner}.merge_fractions", value, 0.0, 1.0, strict_low=True)
+            if value >= 1:
+                fail(f"{owner}.merge_fractions", "numbers in (0, 1)", list(self.merge_fractions))
         check_float(f"{owner}.gating_warmup_fraction", self.gating_warmup_fraction, 0.0, 1.0)
         if self.freeze_gating_fraction is not None:
             check_float(f"{owner}.freeze_gating_fraction", self.freeze_gating_fraction, 0.0, 1.0)

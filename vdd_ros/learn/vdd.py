@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ from vdd_ros.learn.mixture_training import (
     set_learning_rate,
 )
 from vdd_ros.learn.moe import MixtureOfExpertsPolicy
-from vdd_ros.learn.teacher_protocol import can_sample, check_teacher
+from vdd_ros.learn.teacher_protocol import AnalyticTeacher, can_sample, check_teacher
+from vdd_ros.tasks.gmm2d import five_modes, mode_coverage, moving_five_modes, six_modes
 from vdd_ros.validation import fail
 
 
@@ -239,6 +241,97 @@ def reinitialise_experts(model: MixtureOfExpertsPolicy, experts: list[int], obs:
     return experts[:len(targets)]
 
 
+def duplicate_groups(model: MixtureOfExpertsPolicy, obs: torch.Tensor, weights: np.ndarray, distance: float
+                     ) -> list[list[int]]:
+    """Groups of experts that sit on one mode: each lighter member's mean lies within ``distance`` of the
+    group's heaviest expert's stds (RMS over the dimensions would shrink with width: this is the norm,
+    as in :func:`redundant_experts`), averaged over ``obs``. Groups of one are left out."""
+    with torch.no_grad():
+        features = model.features(obs)
+        means = model.expert_means(features)
+        stds = model.scale_diagonal(model.expert_scales(features))
+    free, groups = set(range(model.n_experts)), []
+    for expert in np.argsort(-weights, kind="stable"):
+        expert = int(expert)
+        if expert not in free:
+            continue
+        free.discard(expert)
+        members = [other for other in sorted(free)
+                   if ((means[:, other] - means[:, expert]) / stds[:, expert]).norm(dim=-1).mean().item() < distance]
+        free.difference_update(members)
+        if members:
+            groups.append([expert, *members])
+    return groups
+
+
+def _heads(model: MixtureOfExpertsPolicy) -> list[tuple[torch.nn.Linear, int]]:
+    """The expert heads with their rows per expert (mean, Cholesky diagonal, off-diagonal)."""
+    act_dim, n_off = model.act_dim, model.act_dim * (model.act_dim - 1) // 2
+    heads = [(model.mean_head, act_dim), (model.std_head, act_dim)]
+    if model.off_diagonal_head is not None:
+        heads.append((model.off_diagonal_head, n_off))
+    return heads
+
+
+def _head_tensors(model: MixtureOfExpertsPolicy, optimiser: torch.optim.Optimizer):
+    """(tensor, rows per expert) of every head parameter and its Adam moments."""
+    for head, width in _heads(model):
+        for parameter in (head.weight, head.bias):
+            state = optimiser.state.get(parameter, {})
+            for tensor in [parameter.data] + [state[m] for m in ("exp_avg", "exp_avg_sq") if m in state]:
+                yield tensor, width
+
+
+def merge_experts(model: MixtureOfExpertsPolicy, group: list[int], weights: np.ndarray,
+                  optimiser: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Make ``group``'s experts identical: their head rows (mean, Cholesky) and those rows' Adam moments
+    become the gating-weighted average of the members'. The heads are linear in the shared features, so
+    the merged mean is the weighted average of the members' means at every state; the gating, and so each
+    member's weight, is untouched (duplicates on one mode are harmless: their weights add up).
+    Returns the tensors as they were (for :func:`restore_heads`)."""
+    saved = []
+    share = weights[group] / weights[group].sum()
+    with torch.no_grad():
+        for tensor, width in _head_tensors(model, optimiser):
+            saved.append(tensor.clone())
+            rows = tensor.view(model.n_experts, width, *tensor.shape[1:])
+            rows[group] = torch.einsum("g,g...->...", torch.as_tensor(share, dtype=tensor.dtype), rows[group])
+    return saved
+
+
+def restore_heads(model: MixtureOfExpertsPolicy, optimiser: torch.optim.Optimizer, saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for (tensor, _), old in zip(_head_tensors(model, optimiser), saved):
+            tensor.copy_(old)
+
+
+def merge_duplicates(model: MixtureOfExpertsPolicy, obs: torch.Tensor, actions: torch.Tensor, config: VDDConfig,
+                     optimiser: torch.optim.Optimizer) -> list[dict]:
+    """Merge every group of :func:`duplicate_groups` whose merge the data accepts: the mixture's
+    log-likelihood of ``actions`` (teacher samples or demonstrations at ``obs``), weighted by the group's
+    posterior, may fall by at most ``merge_tolerance`` nats per action dimension (two experts on two
+    nearby modes would lose far more); else the group is left as it was. Returns one record per group."""
+    weights = mean_gating_weights(model, obs)
+    records = []
+    for group in duplicate_groups(model, obs, weights, config.merge_distance):
+        with torch.no_grad():
+            features = model.features(obs)
+            log_w = torch.log_softmax(model.gating_logits(obs, features), -1)
+            log_joint = log_w + model.gaussian_log_probs(actions, model.expert_means(features),
+                                                         model.expert_scales(features))
+            before = torch.logsumexp(log_joint, -1)
+            mass = (log_joint[:, group].logsumexp(-1) - before).exp()  # the group's posterior
+        saved = merge_experts(model, group, weights, optimiser)
+        with torch.no_grad():
+            after = model.log_prob(actions, obs)
+        loss = float((mass * (before - after)).sum() / mass.sum().clamp_min(1e-12)) / model.act_dim
+        accepted = loss <= config.merge_tolerance
+        if not accepted:
+            restore_heads(model, optimiser, saved)
+        records.append({"experts": group, "nll_change": round(loss, 5), "merged": accepted})
+    return records
+
+
 # --- the run ------------------------------------------------------------------------------------
 def distill(teacher, observations, actions, config: VDDConfig, progress: bool = True, callback=None
             ) -> MixtureOfExpertsPolicy:
@@ -274,8 +367,20 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
     model = build_mixture(config, obs_all.shape[1], teacher.act_dim, int(getattr(teacher, "history", 1)))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     expert_opt, gating_opt = mixture_optimisers(model, config)
-    history = {"expert_loss": [], "gating_loss": [], "warnings": [], "reinitialised": [], "warm_start_loss": []}
+    history = {"expert_loss": [], "gating_loss": [], "warnings": [], "reinitialised": [], "merged": [],
+               "warm_start_loss": []}
     reinit_iterations = {round(fraction * config.iterations) for fraction in config.reinit_fractions}
+    merge_iterations = {round(fraction * config.iterations) for fraction in config.merge_fractions}
+    merge_obs = merge_act = None
+    if merge_iterations:  # fixed pairs drawn with their own generator: the training draws stay as they were
+        merge_generator = torch.Generator(device=device).manual_seed(config.seed + 104729)
+        index = torch.randperm(obs_all.shape[0], generator=merge_generator, device=device)[:config.merge_batch_size]
+        merge_obs = obs_all[index]
+        if act_all is not None:
+            merge_act = act_all[index]
+        else:
+            with torch.no_grad():
+                merge_act = teacher.sample(merge_obs, generator=merge_generator).to(merge_obs.dtype)
     n_states = obs_all.shape[0]
 
     def batch_indices(size: int) -> torch.Tensor:
@@ -309,6 +414,9 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
             if redundant:
                 moved = reinitialise_experts(model, redundant, obs, act, config.init_std, expert_opt)
                 history["reinitialised"].append({"iteration": iteration, "experts": moved})
+        if iteration in merge_iterations:
+            history["merged"].append({"iteration": iteration,
+                                      "groups": merge_duplicates(model, merge_obs, merge_act, config, expert_opt)})
 
         expert_losses = []
         for _ in range(config.expert_steps_per_iter):
@@ -402,3 +510,92 @@ def analytic_check(teacher, config: VDDConfig, eval_observations, n_demos: int =
                   dead_experts=model.training_history["dead_experts"],
                   reinitialised=model.training_history["reinitialised"])
     return report
+
+
+class TiltedAnalyticTeacher(AnalyticTeacher):
+    """:class:`AnalyticTeacher` of a state-conditional mixture whose weights depend on the state too
+    (``StateConditionalGaussianMixture(weight_rate=...)``): exact score, log-density and samples."""
+
+    def __init__(self, mixture):
+        super().__init__(mixture)
+        self._weight_rate = torch.as_tensor(mixture.weight_rate, dtype=torch.float64)
+
+    def mode_weights(self, obs: torch.Tensor) -> torch.Tensor:
+        """Mode weights ``[B, K]`` (float64)."""
+        logits = torch.log(self._weights)[None] + obs.to(torch.float64) @ self._weight_rate.T
+        return torch.softmax(logits, -1)
+
+    def _log_joint(self, actions, obs, sigma, dtype):
+        log_joint, diff, variances = super()._log_joint(actions, obs, sigma, dtype)
+        tilt = torch.log(self.mode_weights(obs)) - torch.log(self._weights)[None]
+        return log_joint + tilt.to(dtype), diff, variances
+
+    def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        means = self.means(obs)
+        modes = torch.multinomial(self.mode_weights(obs), 1, generator=generator).squeeze(-1)
+        rows = torch.arange(obs.shape[0])
+        noise = torch.randn(obs.shape[0], self.act_dim, generator=generator, dtype=torch.float64)
+        return (means[rows, modes] + self._variances[modes, None].sqrt() * noise).to(obs.dtype)
+
+
+def coverage_check(teacher: AnalyticTeacher, config: VDDConfig, eval_observations, n_demos: int = 16384,
+                   observation_sampler=None, near: float = 0.15, far: float = 0.3) -> dict:
+    """Distil an analytic teacher (demonstrations as in :func:`analytic_check`) and measure how the experts
+    cover its modes at each row of ``eval_observations`` (``tasks.gmm2d.mode_coverage``): the worst
+    ``weight_error`` and ``stray`` weight over the rows, both per row, seed, wall time and the merges."""
+    rng = np.random.default_rng(config.seed + 12345)
+    if observation_sampler is None:
+        observations = np.zeros((n_demos, teacher.obs_dim), np.float32)
+    else:
+        observations = np.asarray(observation_sampler(n_demos, rng), np.float32)
+    generator = torch.Generator().manual_seed(config.seed + 54321)
+    actions = teacher.sample(torch.as_tensor(observations), generator=generator).numpy()
+    start = time.perf_counter()
+    model = distill(teacher, observations, actions, config, progress=False)
+    wall = time.perf_counter() - start
+    obs = torch.as_tensor(np.asarray(eval_observations, np.float32)).reshape(-1, teacher.obs_dim)
+    mode_weights = teacher.mode_weights(obs) if hasattr(teacher, "mode_weights") else teacher._weights.expand(
+        obs.shape[0], -1)
+    with torch.no_grad():
+        weights, means = model.weights_and_means(obs)
+    rows = [mode_coverage(teacher.means(obs)[row].numpy(), mode_weights[row].numpy(), means[row].numpy(),
+                          weights[row].numpy(), near, far) for row in range(obs.shape[0])]
+    return {"seed": config.seed, "weight_error": max(r[0] for r in rows), "stray": max(r[1] for r in rows),
+            "rows": rows, "wall_time_s": wall, "merged": model.training_history["merged"],
+            "dead_experts": model.training_history["dead_experts"]}
+
+
+def uniform_scalar_states(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` scalar states uniform in [-1, 1] (the state-conditional coverage case)."""
+    return rng.uniform(-1.0, 1.0, size=(n, 1))
+
+
+@dataclass(frozen=True)
+class CoverageCase:
+    """One 2-D check with more experts than modes: the mixture, the experts, the states checked, the recipe."""
+
+    mixture: object  # a factory of tasks.gmm2d
+    n_experts: int
+    eval_observations: tuple = ((0.0,),)
+    observation_sampler: object = None
+    recipe: dict = field(default_factory=dict)  # VDDConfig fields on top of the gmm2d preset
+
+    def teacher(self) -> AnalyticTeacher:
+        mixture = self.mixture()
+        return TiltedAnalyticTeacher(mixture) if hasattr(mixture, "weight_rate") else AnalyticTeacher(mixture)
+
+    def config(self, seed: int, **changes) -> VDDConfig:
+        return VDDConfig.preset("gmm2d", n_experts=self.n_experts, seed=seed, **{**self.recipe, **changes})
+
+
+# state-independent: one state, so a few states per expert step and a tiny backbone cost nothing in accuracy
+_ONE_STATE = dict(batch_size=4, samples_per_expert=32, gating_batch_size=256,
+                  backbone=dict(hidden=16, mlp_layers=1, activation="mish"))
+COVERAGE_CASES = {
+    "5 modes, 8 experts": CoverageCase(five_modes, 8, recipe=_ONE_STATE),
+    "6 modes, 10 experts": CoverageCase(six_modes, 10, recipe=_ONE_STATE),
+    "5 modes moving with s, 8 experts": CoverageCase(
+        moving_five_modes, 8, eval_observations=((-0.5,), (0.0,), (0.5,)), observation_sampler=uniform_scalar_states,
+        recipe=dict(batch_size=16, samples_per_expert=16, gating_batch_size=256, iterations=2500,
+                    backbone=dict(hidden=32, mlp_layers=2, activation="mish"))),
+}

@@ -74,18 +74,20 @@ class GaussianMixture:
         return GaussianMixture(means, 0.4, [0.4, 0.3, 0.2, 0.1])
 
     # --- density and score ---------------------------------------------------------
-    def _component_log_densities(self, x: np.ndarray, means: np.ndarray, sigma) -> np.ndarray:
-        """``log weights_k + log N(x; means_k, (s_k^2 + sigma^2) I)`` as ``[N, K]``; means ``[K,d]`` or ``[N,K,d]``."""
+    def _component_log_densities(self, x: np.ndarray, means: np.ndarray, sigma, log_weights=None) -> np.ndarray:
+        """``log weights_k + log N(x; means_k, (s_k^2 + sigma^2) I)`` as ``[N, K]``; means ``[K,d]`` or ``[N,K,d]``,
+        log weights ``[N, K]`` (default: this mixture's own)."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
             fail("x", f"shape [N, {self.dim}]", list(x.shape))
         variances = self.stds[None, :] ** 2 + _sigma_column(sigma, x.shape[0]) ** 2  # [N, K]
         sq_dist = np.sum((x[:, None, :] - means) ** 2, axis=-1)
-        return (np.log(self.weights)[None] - 0.5 * sq_dist / variances
+        log_w = np.log(self.weights)[None] if log_weights is None else log_weights
+        return (log_w - 0.5 * sq_dist / variances
                 - 0.5 * self.dim * (LOG_2PI + np.log(variances)))
 
-    def _score(self, x: np.ndarray, means: np.ndarray, sigma) -> np.ndarray:
-        log_joint = self._component_log_densities(x, means, sigma)
+    def _score(self, x: np.ndarray, means: np.ndarray, sigma, log_weights=None) -> np.ndarray:
+        log_joint = self._component_log_densities(x, means, sigma, log_weights)
         posterior = np.exp(log_joint - _logsumexp(log_joint, 1)[:, None])
         variances = self.stds[None, :] ** 2 + _sigma_column(sigma, x.shape[0]) ** 2
         return np.sum((posterior / variances)[..., None] * (means - np.asarray(x)[:, None, :]), axis=1)
@@ -118,11 +120,12 @@ class StateConditionalGaussianMixture:
     """A mixture whose means move with an observation ``s`` of size ``obs_dim``.
 
     ``means_k(s) = R(rotation_rate . s) base_k + shift @ s``: the base modes rotated by an angle
-    linear in ``s`` (2-D only; zero rate means no rotation) and shifted linearly. Stds and
-    weights do not depend on ``s``.
+    linear in ``s`` (2-D only; zero rate means no rotation) and shifted linearly. The weights are
+    the base weights at ``s = 0`` tilted by ``exp(weight_rate_k . s)`` and renormalised (``weight_rate``
+    ``[K, obs_dim]``, default zero: constant weights); the stds do not depend on ``s``.
     """
 
-    def __init__(self, base: GaussianMixture, shift, rotation_rate=None):
+    def __init__(self, base: GaussianMixture, shift, rotation_rate=None, weight_rate=None):
         self.base = base
         self.shift = np.asarray(shift, dtype=np.float64)
         if self.shift.ndim != 2 or self.shift.shape[0] != base.dim:
@@ -134,6 +137,10 @@ class StateConditionalGaussianMixture:
         if np.any(rate != 0) and base.dim != 2:
             fail("rotation_rate", f"zeros for a {base.dim}-D mixture (rotation is 2-D only)", rate.tolist())
         self.rotation_rate = rate
+        tilt = np.zeros((base.n_modes, obs_dim)) if weight_rate is None else np.asarray(weight_rate, dtype=np.float64)
+        if tilt.shape != (base.n_modes, obs_dim) or not np.all(np.isfinite(tilt)):
+            fail("weight_rate", f"finite numbers of shape [{base.n_modes}, {obs_dim}]", list(tilt.shape))
+        self.weight_rate = tilt
 
     @property
     def dim(self) -> int:
@@ -149,7 +156,16 @@ class StateConditionalGaussianMixture:
 
     @property
     def weights(self) -> np.ndarray:
+        """The weights at ``s = 0`` (:meth:`weights_at` gives them at any state)."""
         return self.base.weights
+
+    def log_weights(self, obs) -> np.ndarray:
+        """Log mode weights ``[N, K]`` at each observation."""
+        logits = np.log(self.base.weights)[None] + self._check_obs(obs) @ self.weight_rate.T
+        return logits - _logsumexp(logits, 1)[:, None]
+
+    def weights_at(self, obs) -> np.ndarray:
+        return np.exp(self.log_weights(obs))
 
     @property
     def stds(self) -> np.ndarray:
@@ -179,20 +195,60 @@ class StateConditionalGaussianMixture:
 
     def at(self, obs_row) -> GaussianMixture:
         """The (unconditional) mixture at one observation."""
-        return GaussianMixture(self.means(np.asarray(obs_row, dtype=np.float64)[None])[0], self.stds, self.weights)
+        row = np.asarray(obs_row, dtype=np.float64)[None]
+        return GaussianMixture(self.means(row)[0], self.stds, self.weights_at(row)[0])
 
     def log_density(self, x, obs, sigma=0.0) -> np.ndarray:
-        return _logsumexp(self.base._component_log_densities(x, self.means(obs), sigma), 1)
+        return _logsumexp(self.base._component_log_densities(x, self.means(obs), sigma, self.log_weights(obs)), 1)
 
     def score(self, x, obs, sigma=0.0) -> np.ndarray:
-        return self.base._score(x, self.means(obs), sigma)
+        return self.base._score(x, self.means(obs), sigma, self.log_weights(obs))
 
     def sample(self, obs, rng: np.random.Generator) -> np.ndarray:
         """One sample per observation row."""
-        means = self.means(obs)
-        modes = rng.choice(self.n_modes, size=means.shape[0], p=self.weights)
+        means, weights = self.means(obs), self.weights_at(obs)
+        modes = (rng.random((means.shape[0], 1)) > np.cumsum(weights, 1)[:, :-1]).sum(1)
         rows = np.arange(means.shape[0])
         return means[rows, modes] + self.stds[modes, None] * rng.standard_normal((means.shape[0], self.dim))
+
+
+# --- more experts than modes (issue 11): unequal weights and widths, uneven placement ---------------
+def five_modes() -> GaussianMixture:
+    """Five modes, weights 0.35-0.05, stds 0.2-0.45, unevenly placed (8 experts in the checks)."""
+    return GaussianMixture([[-2.0, 1.5], [1.8, 2.0], [0.3, -0.2], [2.2, -1.8], [-1.5, -2.2]],
+                           [0.45, 0.3, 0.2, 0.35, 0.25], [0.35, 0.25, 0.2, 0.15, 0.05])
+
+
+def six_modes() -> GaussianMixture:
+    """Six modes, weights 0.3-0.05, stds 0.2-0.45, unevenly placed (10 experts in the checks)."""
+    return GaussianMixture([[-2.2, 1.2], [0.2, 2.3], [2.4, 0.9], [1.5, -1.9], [-0.9, -0.6], [-2.3, -2.4]],
+                           [0.45, 0.2, 0.3, 0.4, 0.25, 0.35], [0.3, 0.25, 0.15, 0.15, 0.1, 0.05])
+
+
+def moving_five_modes() -> StateConditionalGaussianMixture:
+    """:func:`five_modes` moved by a scalar state s (training: s in [-1, 1]): rotated by 22.5 degrees and
+    shifted by (0.4, 0.3) per unit of s, the heaviest and the lightest mode's weights tilted (at s = -0.5:
+    0.41, 0.23, 0.18, 0.14, 0.03; at s = 0.5: 0.29, 0.27, 0.21, 0.16, 0.07)."""
+    return StateConditionalGaussianMixture(five_modes(), shift=[[0.4], [0.3]], rotation_rate=[np.pi / 8],
+                                           weight_rate=[[-0.5], [0.0], [0.0], [0.0], [0.6]])
+
+
+def mode_coverage(mode_means, mode_weights, expert_means, expert_weights, near: float = 0.15, far: float = 0.3
+                  ) -> tuple[float, float]:
+    """How a mixture of experts covers the modes of a mixture, at one state: ``(weight error, stray weight)``.
+
+    ``weight error``: the largest gap between a mode's weight and the summed weights of the experts within
+    ``near`` of its mean (duplicates on one mode add up); ``stray weight``: the largest weight of an expert
+    farther than ``far`` from every mode (0 when there is none). Means ``[K, d]`` / ``[Z, d]``, weights
+    ``[K]`` / ``[Z]``.
+    """
+    mode_means, expert_means = np.asarray(mode_means, np.float64), np.asarray(expert_means, np.float64)
+    expert_weights = np.asarray(expert_weights, np.float64)
+    distances = np.linalg.norm(mode_means[:, None] - expert_means[None], axis=-1)  # [K, Z]
+    covered = (distances < near).astype(np.float64) @ expert_weights
+    weight_error = float(np.max(np.abs(covered - np.asarray(mode_weights, np.float64))))
+    stray = distances.min(0) > far
+    return weight_error, float(expert_weights[stray].max()) if stray.any() else 0.0
 
 
 def plot_density(mixture: GaussianMixture, path: str, samples: np.ndarray | None = None, sigma: float = 0.0,
