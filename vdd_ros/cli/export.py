@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vdd_ros.cli.learn import RobotOption, add_robot_flag
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -22,6 +24,7 @@ def register(subparsers) -> None:
                         "'_denoiser' before .onnx)")
     parser.add_argument("--no-denoiser", action="store_true",
                         help="teacher only: write the sampler file only")
+    add_robot_flag(parser, "the checkpoint's spec must match its interface (else nothing is written)")
     parser.set_defaults(func=run)
 
 
@@ -35,6 +38,7 @@ def run(args) -> int:
         raise UserError(f"--steps: expected an integer >= 1, got {args.steps}")
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint}: no such file")
+    robot = RobotOption.from_args(args, "export")  # a bad robot.yaml fails before torch loads
     import torch
 
     from vdd_ros.learn.checkpoint import load_checkpoint
@@ -42,7 +46,9 @@ def run(args) -> int:
 
     torch.set_num_threads(1)
     # only a teacher has a denoiser: peek at the kind before choosing the second file
-    kind = load_checkpoint(args.checkpoint).kind
+    checkpoint = load_checkpoint(args.checkpoint)
+    kind = checkpoint.kind
+    robot.check(checkpoint.spec, f"checkpoint {args.checkpoint}", "checkpoint")
     denoiser = None
     if kind == "diffusion_teacher" and not args.no_denoiser:
         denoiser = Path(args.denoiser_out) if args.denoiser_out else out.with_name(out.stem + "_denoiser.onnx")

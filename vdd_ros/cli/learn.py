@@ -7,6 +7,12 @@ write out), then applies, in this order: ``--config FILE`` (a YAML file of field
 per-field flags (``--iterations 6000``, ``--backbone.hidden 128``) that ``--help`` lists with
 type, default and meaning. The whole config is validated before any work starts.
 
+``--robot robot.yaml`` (train-teacher, distill, train-em; and vdd export) ties a run to a robot
+(``vdd_ros.data.robot``): the dataset's (and teacher's, checkpoint's) spec must match the robot's
+interface, else one error line lists each difference and names both files; the robot's history and
+horizon (when non-zero) sit under the config (above its defaults, below ``--config``/``--set``/flags),
+and each value printed says where it came from. Without ``--robot`` nothing changes.
+
 Outputs: a fresh run folder ``runs/<command>-<YYYYmmdd-HHMMSS>/<teacher|student|em>.pt`` by
 default, ``--out FILE``, or ``--replace-shipped`` for the package's ``models/<name>.pt``.
 Checkpoints hold the spec (with the fitted normalisation) and the config, and are written
@@ -132,12 +138,13 @@ def flag_values(args, cls: type[ConfigBase]) -> dict:
     return result
 
 
-def build_config(cls: type[ConfigBase], args):
-    """Defaults, then ``--config``, ``--set`` and the per-field flags; validated."""
+def build_config(cls: type[ConfigBase], args, base: dict | None = None):
+    """Defaults, then ``base`` (``--robot``'s history and horizon), ``--config``, ``--set`` and the
+    per-field flags; validated."""
     data, source = {}, None
     if args.config is not None:
         data, source = read_config_file(args.config), f"config {args.config}"
-    data = merge(merge(data, parse_overrides(args.overrides)), flag_values(args, cls))
+    data = merge(merge(merge(base or {}, data), parse_overrides(args.overrides)), flag_values(args, cls))
     try:
         return cls.from_dict(data, cls.__name__)
     except ValueError as err:
@@ -176,6 +183,10 @@ def _add_common(parser, command: str) -> None:
     parser.add_argument("--replace-shipped", action="store_true",
                         help=f"write the package's shipped models/{name}.pt instead of a run folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_robot_flag(parser, "the teacher's and the dataset's specs must match its interface (the teacher fixes "
+                   "history and horizon)" if command == "distill" else "the dataset's spec must match its "
+                   "interface; its history and horizon (when non-zero) replace the config defaults (--config, "
+                   "--set and the flags still win)")
     add_config_flags(parser, cls, yaml_name)
 
 
@@ -234,6 +245,94 @@ def register(subparsers) -> None:
     evaluate.set_defaults(func=run_eval)
 
 
+# --- --robot robot.yaml -------------------------------------------------------------------
+def add_robot_flag(parser, what: str) -> None:
+    parser.add_argument("--robot", default=None, metavar="ROBOT_YAML",
+                        help=f"robot.yaml of the robot the model is for: {what}")
+
+
+def _user_sources(cls: type[ConfigBase], args) -> dict:
+    """``{top-level field: (where the user set it, value)}`` for --config, --set and the per-field flags."""
+    layers = []
+    if getattr(args, "config", None) is not None:
+        layers.append((f"--config {args.config}", read_config_file(args.config)))
+    layers.append(("--set", parse_overrides(getattr(args, "overrides", []))))
+    layers.extend((f"--{key.replace('_', '-')}", {key: value}) for key, value in flag_values(args, cls).items())
+    sources = {}
+    for where, data in layers:
+        sources.update({key: (where, value) for key, value in data.items()})
+    return sources
+
+
+class RobotOption:
+    """``--robot robot.yaml`` for every command that takes it (one helper, not one copy per command).
+
+    Without ``--robot`` every method does nothing. With it: ``config_base`` gives the robot's history
+    and horizon (horizon when non-zero) as the layer under the user's config, printing where each value
+    came from; ``check`` refuses a dataset's or checkpoint's spec that does not fit the robot's
+    interface (one line listing each difference, naming both files); ``note_fixed`` says where the
+    window and chunk of a run come from when they are fixed by something else (distill: the teacher).
+    """
+
+    def __init__(self, command: str, path: str | None):
+        from vdd_ros.cli.imports import load_robot_arg
+
+        self.command = command
+        self.robot = load_robot_arg(path) if path else None
+
+    @classmethod
+    def from_args(cls, args, command: str) -> RobotOption:
+        return cls(command, getattr(args, "robot", None))
+
+    def _note(self, text: str) -> None:
+        print(f"vdd {self.command}: {text}", flush=True)
+
+    def _values(self) -> dict:
+        """The config fields robot.yaml sets (horizon 0: not set, the config's own default applies)."""
+        return {"history": self.robot.spec.history, "horizon": self.robot.horizon}
+
+    def config_base(self, config_cls: type[ConfigBase], args) -> dict:
+        if self.robot is None:
+            return {}
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(config_cls)}
+        given = _user_sources(config_cls, args)
+        base = {}
+        for key, value in self._values().items():
+            if key not in names or not value:
+                continue
+            if key in given:
+                where, mine = given[key]
+                self._note(f"{key} {yaml_value(mine)} from {where} (robot {self.robot.path} says {value})")
+            else:
+                base[key] = value
+                self._note(f"{key} {value} from robot {self.robot.path}")
+        return base
+
+    def note_fixed(self, spec, source: str) -> None:
+        if self.robot is None:
+            return
+        mine = {"history": spec.history, "horizon": spec.action_horizon}
+        for key, value in self._values().items():
+            if value:
+                said = "" if mine[key] == value else f" (robot {self.robot.path} says {value})"
+                self._note(f"{key} {mine[key]} from {source}{said}")
+
+    def check(self, spec, what: str, label: str) -> None:
+        """``what`` names the file (``dataset x.npz``); ``label`` its side in each difference (``dataset=``)."""
+        if self.robot is None:
+            return
+        problems = [p.replace(" model=", f" {label}=", 1) for p in self.robot.interface_problems(spec)]
+        if problems:
+            raise ValueError(f"{what} does not fit the interface of robot {self.robot.path}: " + "; ".join(problems))
+        self._note(f"{what} fits robot {self.robot.path} ({self.robot.name}: {list(self.robot.spec.joint_names)})")
+
+
+def _dataset_name(dataset_path: str, task: str) -> str:
+    return f"dataset {dataset_path}" if dataset_path else f"the generated {task} demonstrations"
+
+
 # --- shared helpers ------------------------------------------------------------------
 def _torch_setup():
     import torch
@@ -285,7 +384,8 @@ def _choose_data(command: str, spec, config):
 
 # --- train-teacher -------------------------------------------------------------------
 def run_train_teacher(args) -> int:
-    config = build_config(TeacherConfig, args)
+    robot = RobotOption.from_args(args, "train-teacher")
+    config = build_config(TeacherConfig, args, robot.config_base(TeacherConfig, args))
     out = output_path(args, "train-teacher")
     _torch_setup()
     from vdd_ros.learn.diffusion import train_teacher
@@ -293,6 +393,7 @@ def run_train_teacher(args) -> int:
 
     dataset = load_demonstrations(config.dataset, config.episodes, config.dataset_seed, config.task,
                                   progress=not args.quiet)
+    robot.check(dataset.spec, _dataset_name(config.dataset, config.task), "dataset")
     choices = _choose_data("train-teacher", dataset.spec, config)
     training = prepare_training_data(dataset, config.history, choices.horizon, "diffusion_teacher",
                                      observation_fields=choices.observation_fields)
@@ -317,7 +418,8 @@ def run_train_teacher(args) -> int:
 
 # --- distill ---------------------------------------------------------------------------
 def run_distill(args) -> int:
-    config = build_config(VDDConfig, args)
+    robot = RobotOption.from_args(args, "distill")
+    config = build_config(VDDConfig, args, robot.config_base(VDDConfig, args))
     out = output_path(args, "distill")
     teacher_path = _shipped_teacher(args.teacher)
     _torch_setup()
@@ -328,6 +430,8 @@ def run_distill(args) -> int:
     teacher = load_checkpoint(teacher_path)
     if teacher.kind != "diffusion_teacher":
         raise ValueError(f"--teacher {teacher_path}: expected a diffusion_teacher checkpoint, got {teacher.kind}")
+    robot.check(teacher.spec, f"--teacher {teacher_path}", "teacher")
+    robot.note_fixed(teacher.spec, f"the teacher {teacher_path}")
     # the teacher's own data unless the config names other data: same file, or the same generated demos
     teacher_defaults = TeacherConfig()
     dataset_path = config.dataset or teacher.config.get("dataset", teacher_defaults.dataset) or ""
@@ -337,6 +441,7 @@ def run_distill(args) -> int:
         "dataset_seed", teacher_defaults.dataset_seed)
     dataset = load_demonstrations(dataset_path, episodes, dataset_seed, _teacher_task(teacher),
                                   progress=not args.quiet)
+    robot.check(dataset.spec, _dataset_name(dataset_path, _teacher_task(teacher)), "dataset")
     field_names = [f.name for f in teacher.spec.observation_fields]
     comparable = dataset.spec.replace(history=teacher.spec.history, action_horizon=teacher.spec.action_horizon)
     if set(field_names) <= {f.name for f in dataset.spec.observation_fields}:
@@ -375,7 +480,8 @@ def run_distill(args) -> int:
 
 # --- train-em ------------------------------------------------------------------------------
 def run_train_em(args) -> int:
-    config = build_config(EMConfig, args)
+    robot = RobotOption.from_args(args, "train-em")
+    config = build_config(EMConfig, args, robot.config_base(EMConfig, args))
     out = output_path(args, "train-em")
     _torch_setup()
     from vdd_ros.learn.em import train_em
@@ -383,6 +489,7 @@ def run_train_em(args) -> int:
 
     dataset = load_demonstrations(config.dataset, config.episodes, config.dataset_seed, config.task,
                                   progress=not args.quiet)
+    robot.check(dataset.spec, _dataset_name(config.dataset, config.task), "dataset")
     choices = _choose_data("train-em", dataset.spec, config)
     training = prepare_training_data(dataset, config.history, choices.horizon, "em_mixture",
                                      observation_fields=choices.observation_fields)
