@@ -34,8 +34,8 @@ setup(
         "deploy-gpu": ["onnxruntime-gpu"],
         # workstation: training, distillation, export, plots
         "train": ["torch==2.13.0", "onnx", "onnxscript", "tqdm", "matplotlib"],
-        # vdd import-bag and robot.yaml's urdf: (workstation)
-        "import": ["rosbags==0.11.9", "yourdfpy==0.0.60"],
+        # vdd import-bag, import-hdf5, import-lerobot and robot.yaml's urdf: (workstation)
+        "import": ["rosbags==0.11.9", "h5py==3.16.0", "pyarrow==26.0.1", "yourdfpy==0.0.60"],
         "test": ["pytest", "pytest-timeout"],
     },
     zip_safe=True,

@@ -22,17 +22,16 @@ Every problem is one ``BagError`` line naming the bag, topic and time.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from vdd_ros.data.dataset import DemoDataset
+from vdd_ros.data.import_common import DEFAULT_MIN_STEPS, NS, EpisodeReport, Episodes, ImportReport, stream_stats
 from vdd_ros.data.robot import Robot
 
 DEFAULT_MAX_GAP_S = 0.5
-DEFAULT_MIN_STEPS = 10
 MARKER_TYPES = ("std_msgs/Bool", "std_msgs/Int32")
-NS = 1_000_000_000
 
 
 class BagError(ValueError):
@@ -58,64 +57,6 @@ class Stream:
     stamps: np.ndarray
     values: np.ndarray
     stamp_source: str  # "header" or "receive"
-
-
-@dataclass
-class EpisodeReport:
-    bag: str
-    index: int  # within its bag
-    start_s: float  # seconds after the bag's first message
-    steps: int
-    duration_s: float
-    topics: dict = field(default_factory=dict)  # topic -> statistics
-    dropped_reason: str = ""
-
-    def to_dict(self) -> dict:
-        data = {"bag": self.bag, "episode": self.index, "start_s": round(self.start_s, 3), "steps": self.steps,
-                "duration_s": round(self.duration_s, 3), "topics": self.topics}
-        if self.dropped_reason:
-            data["dropped"] = self.dropped_reason
-        return data
-
-
-@dataclass
-class ImportReport:
-    episodes: list  # EpisodeReport, kept and dropped
-    notes: list  # one line each (stamp fallbacks, ...)
-    seconds: float = 0.0
-
-    @property
-    def kept(self) -> list:
-        return [e for e in self.episodes if not e.dropped_reason]
-
-    def summary(self) -> dict:
-        kept = self.kept
-        return {"episodes": len(kept), "dropped_episodes": len(self.episodes) - len(kept),
-                "steps": sum(e.steps for e in kept), "duration_s": round(sum(e.duration_s for e in kept), 3),
-                "import_seconds": round(self.seconds, 3)}
-
-    def to_dict(self) -> dict:
-        return {"summary": self.summary(), "notes": list(self.notes), "episodes": [e.to_dict() for e in self.episodes]}
-
-    def format(self) -> str:
-        """The per-episode table and the summary line."""
-        header = ("bag", "ep", "start s", "steps", "dur s", "topic", "msgs", "Hz", "dropped", "dup", "jitter ms",
-                  "max gap ms", "note")
-        rows = [header]
-        for ep in self.episodes:
-            for i, (topic, stats) in enumerate(ep.topics.items()):
-                first = (os.path.basename(ep.bag.rstrip("/")), str(ep.index), f"{ep.start_s:.2f}", str(ep.steps),
-                         f"{ep.duration_s:.2f}") if i == 0 else ("",) * 5
-                rows.append((*first, topic, str(stats["messages"]), f"{stats['rate_hz']:.1f}", str(stats["dropped"]),
-                             str(stats["duplicated"]), f"{stats['jitter_ms']:.2f}", f"{stats['largest_gap_ms']:.1f}",
-                             (f"DROPPED: {ep.dropped_reason}" if ep.dropped_reason else "") if i == 0 else ""))
-        widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-        lines += [f"note: {note}" for note in self.notes]
-        s = self.summary()
-        lines.append(f"kept {s['episodes']} episodes ({s['steps']} steps, {s['duration_s']:.1f} s), dropped "
-                     f"{s['dropped_episodes']}, read in {s['import_seconds']:.1f} s")
-        return "\n".join(lines)
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -429,26 +370,6 @@ def _split_at_gaps(intervals, streams, max_gap_ns: int) -> list[tuple[int, int]]
     return result
 
 
-def _stream_stats(stamps: np.ndarray, start: int, end: int) -> dict:
-    inside = stamps[(stamps >= start) & (stamps < end)]
-    stats = {"messages": int(inside.size), "rate_hz": 0.0, "dropped": 0, "duplicated": 0, "jitter_ms": 0.0,
-             "largest_gap_ms": 0.0}
-    if inside.size < 2:
-        return stats
-    intervals = np.diff(inside).astype(np.float64)
-    duplicated = int(np.sum(intervals == 0))
-    positive = intervals[intervals > 0]
-    if positive.size == 0:
-        return dict(stats, duplicated=duplicated)
-    period = float(np.median(positive))
-    long = positive[positive > 1.5 * period]
-    stats.update(rate_hz=round((inside.size - 1) * NS / float(inside[-1] - inside[0]), 3), duplicated=duplicated,
-                 dropped=int(np.sum(np.round(long / period) - 1)),
-                 jitter_ms=round(float(np.std(positive[positive <= 1.5 * period] - period)) / 1e6, 3),
-                 largest_gap_ms=round(float(positive.max()) / 1e6, 3))
-    return stats
-
-
 def _latest(stamps: np.ndarray, times: np.ndarray) -> np.ndarray:
     """Index of the latest sample at or before each time (-1: none)."""
     return np.searchsorted(stamps, times, side="right") - 1
@@ -512,18 +433,14 @@ def _episode_arrays(robot: Robot, streams: dict, start: int, end: int, fail) -> 
 def import_bags(bags: list[str], robot: Robot, marker_topic: str = "", max_gap_s: float = DEFAULT_MAX_GAP_S,
                 min_steps: int = DEFAULT_MIN_STEPS) -> tuple[DemoDataset, ImportReport]:
     """Read every bag, split and resample its episodes; the dataset of the kept episodes and the report."""
-    import time
-
     if not bags:
         raise BagError("bags: expected at least one bag, got none")
     if max_gap_s <= 0:
         raise BagError(f"max_gap_s: expected a number > 0, got {max_gap_s}")
     if min_steps < 1:
         raise BagError(f"min_steps: expected an integer >= 1, got {min_steps}")
-    started = time.perf_counter()
     spec = robot.spec
-    observations, actions, ends, episodes, notes = [], [], [], [], []
-    total = 0
+    episodes, notes = Episodes(spec, min_steps), []
     for bag in bags:
         reader = _BagReader(bag, robot, marker_topic)
         streams, bag_notes = reader.read()
@@ -548,22 +465,12 @@ def import_bags(bags: list[str], robot: Robot, marker_topic: str = "", max_gap_s
 
             result = _episode_arrays(robot, streams, start, end, fail)
             steps = 0 if result is None else len(result[2])
-            report = EpisodeReport(bag=bag, index=index, start_s=(start - reader.start_ns) / NS, steps=steps,
+            report = EpisodeReport(source=bag, index=index, start_s=(start - reader.start_ns) / NS, steps=steps,
                                    duration_s=steps / spec.control_rate_hz,
-                                   topics={s.topic: _stream_stats(s.stamps, start, end) for s in data_streams})
-            if steps < min_steps:
-                report.dropped_reason = f"{steps} steps < min_steps {min_steps}"
-            else:
-                obs, act, _ = result
-                observations.append(obs)
-                actions.append(act)
-                total += steps
-                ends.append(total)
-            episodes.append(report)
-    report = ImportReport(episodes=episodes, notes=notes, seconds=time.perf_counter() - started)
-    if not ends:
-        raise BagError(f"bags {bags}: expected at least one episode of >= {min_steps} steps, got none "
-                       f"({len(episodes)} shorter ones dropped)")
-    dataset = DemoDataset(observations=np.concatenate(observations), actions=np.concatenate(actions),
-                          episode_ends=np.asarray(ends), spec=spec, task=spec.task)
-    return dataset, report
+                                   streams={s.topic: stream_stats(s.stamps, start, end) for s in data_streams})
+            episodes.add(report, *(result[:2] if result is not None else (None, None)))
+
+    def no_episode(expected, actual):
+        raise BagError(f"bags {bags}: expected {expected}, got {actual}")
+
+    return episodes.finish(notes, no_episode)
