@@ -205,6 +205,15 @@ def redundant_experts(model: MixtureOfExpertsPolicy, obs: torch.Tensor, weights:
     return redundant
 
 
+def _heads(model: MixtureOfExpertsPolicy) -> list[tuple[torch.nn.Linear, int]]:
+    """The expert heads with their rows per expert (mean, Cholesky diagonal, off-diagonal)."""
+    act_dim, n_off = model.act_dim, model.act_dim * (model.act_dim - 1) // 2
+    heads = [(model.mean_head, act_dim), (model.std_head, act_dim)]
+    if model.off_diagonal_head is not None:
+        heads.append((model.off_diagonal_head, n_off))
+    return heads
+
+
 def reinitialise_experts(model: MixtureOfExpertsPolicy, experts: list[int], obs: torch.Tensor,
                          actions: torch.Tensor, init_std: float, optimiser: torch.optim.Optimizer) -> list[int]:
     """Move ``experts`` to the actions the mixture explains worst: state independent, std init_std.
@@ -221,13 +230,10 @@ def reinitialise_experts(model: MixtureOfExpertsPolicy, experts: list[int], obs:
             targets.append(actions[index])
         if len(targets) == len(experts):
             break
-    act_dim, n_off = model.act_dim, model.act_dim * (model.act_dim - 1) // 2
-    heads = [(model.mean_head, act_dim), (model.std_head, act_dim)]
-    if model.off_diagonal_head is not None:
-        heads.append((model.off_diagonal_head, n_off))
+    act_dim = model.act_dim
     with torch.no_grad():
         for expert, target in zip(experts, targets):
-            for head, width in heads:
+            for head, width in _heads(model):
                 rows = slice(expert * width, (expert + 1) * width)
                 head.weight[rows] = 0.0
                 head.bias[rows] = 0.0
@@ -262,15 +268,6 @@ def duplicate_groups(model: MixtureOfExpertsPolicy, obs: torch.Tensor, weights: 
         if members:
             groups.append([expert, *members])
     return groups
-
-
-def _heads(model: MixtureOfExpertsPolicy) -> list[tuple[torch.nn.Linear, int]]:
-    """The expert heads with their rows per expert (mean, Cholesky diagonal, off-diagonal)."""
-    act_dim, n_off = model.act_dim, model.act_dim * (model.act_dim - 1) // 2
-    heads = [(model.mean_head, act_dim), (model.std_head, act_dim)]
-    if model.off_diagonal_head is not None:
-        heads.append((model.off_diagonal_head, n_off))
-    return heads
 
 
 def _head_tensors(model: MixtureOfExpertsPolicy, optimiser: torch.optim.Optimizer):
@@ -486,6 +483,20 @@ def finish_guard(model: MixtureOfExpertsPolicy, guard: Guard, config: VDDConfig,
         history["warnings"].append(message)
 
 
+def analytic_demonstrations(teacher, seed: int, n_demos: int, observation_sampler=None
+                            ) -> tuple[np.ndarray, np.ndarray, torch.Generator]:
+    """``n_demos`` teacher samples at states from ``observation_sampler(n, rng)`` (default: all-zero states),
+    drawn from generators seeded by ``seed``; returns the torch generator too, for draws that follow."""
+    rng = np.random.default_rng(seed + 12345)
+    if observation_sampler is None:
+        observations = np.zeros((n_demos, teacher.obs_dim), np.float32)
+    else:
+        observations = np.asarray(observation_sampler(n_demos, rng), np.float32)
+    generator = torch.Generator().manual_seed(seed + 54321)
+    actions = teacher.sample(torch.as_tensor(observations), generator=generator).numpy()
+    return observations, actions, generator
+
+
 def analytic_check(teacher, config: VDDConfig, eval_observations, n_demos: int = 65536,
                    observation_sampler=None, n_eval_samples: int = 4096) -> dict:
     """Distil an :class:`~vdd_ros.learn.teacher_protocol.AnalyticTeacher` and measure the result.
@@ -495,13 +506,7 @@ def analytic_check(teacher, config: VDDConfig, eval_observations, n_demos: int =
     ``eval_observations`` plus the seed, wall and CPU time of the distillation, dead and
     re-initialised experts.
     """
-    rng = np.random.default_rng(config.seed + 12345)
-    if observation_sampler is None:
-        observations = np.zeros((n_demos, teacher.obs_dim), np.float32)
-    else:
-        observations = np.asarray(observation_sampler(n_demos, rng), np.float32)
-    generator = torch.Generator().manual_seed(config.seed + 54321)
-    actions = teacher.sample(torch.as_tensor(observations), generator=generator).numpy()
+    observations, actions, generator = analytic_demonstrations(teacher, config.seed, n_demos, observation_sampler)
     start, cpu_start = time.perf_counter(), time.process_time()
     model = distill(teacher, observations, actions, config, progress=False)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -543,13 +548,7 @@ def coverage_check(teacher: AnalyticTeacher, config: VDDConfig, eval_observation
     """Distil an analytic teacher (demonstrations as in :func:`analytic_check`) and measure how the experts
     cover its modes at each row of ``eval_observations`` (``tasks.gmm2d.mode_coverage``): the worst
     ``weight_error`` and ``stray`` weight over the rows, both per row, seed, wall time and the merges."""
-    rng = np.random.default_rng(config.seed + 12345)
-    if observation_sampler is None:
-        observations = np.zeros((n_demos, teacher.obs_dim), np.float32)
-    else:
-        observations = np.asarray(observation_sampler(n_demos, rng), np.float32)
-    generator = torch.Generator().manual_seed(config.seed + 54321)
-    actions = teacher.sample(torch.as_tensor(observations), generator=generator).numpy()
+    observations, actions, generator = analytic_demonstrations(teacher, config.seed, n_demos, observation_sampler)
     start = time.perf_counter()
     model = distill(teacher, observations, actions, config, progress=False)
     wall = time.perf_counter() - start
