@@ -51,6 +51,14 @@ class Probe:
                 next_publish += 1.0 / rate_hz
             self.executor.spin_once(timeout_sec=0.005)
 
+    def wait_for_subscribers(self, publisher, count=1, timeout=30.0):
+        """Spin until ``publisher`` has matched ``count`` subscriptions (discovery takes longer under load)."""
+        end = time.monotonic() + timeout
+        while publisher.get_subscription_count() < count and time.monotonic() < end:
+            self.executor.spin_once(timeout_sec=0.05)
+        assert publisher.get_subscription_count() >= count, f"{publisher.topic_name}: no subscriber after {timeout} s"
+        self.spin(0.2)
+
     def joint_state(self, names, positions, velocities):
         """A publisher of this JointState, stamped at each publish as a driver stamps its readings (a stamp
         fixed at creation would age the observation during a spin, past max_observation_age_s after 0.5 s)."""
@@ -242,7 +250,7 @@ def test_bad_joint_states_give_no_command_and_the_node_stays_up(tmp_path, domain
     policy = start_policy(tmp_path, domain_id, "policy_node", model=str(arm_student))
     try:
         assert policy.wait_for_log("active: commanding", timeout=60), policy.log()
-        probe.spin(1.0)  # discovery
+        probe.wait_for_subscribers(probe.joint_pub)
         q, zeros = [0.21, 1.86, 1.75], [0.0, 0.0, 0.0]
         bad_inputs = {
             "lacks joints ['joint_2']": probe.joint_state(["joint_1", "joint_3"], q[:2], zeros[:2]),

@@ -111,6 +111,8 @@ class NodeProcess:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGUSR1)  # run_node: every thread's stack into the log
+                time.sleep(1.0)
                 self.process.terminate()
                 try:
                     self.process.wait(timeout)

@@ -1,8 +1,11 @@
 """Running one node in its own process: init, spin, clean shutdown on SIGINT/SIGTERM."""
 from __future__ import annotations
 
+import faulthandler
 import math
+import os
 import signal
+import sys
 import time
 
 import rclpy
@@ -37,9 +40,15 @@ def run_node(node_class, node_name: str, args=None) -> int:
     rclpy's own signal handler shuts the context down and wakes the executor; it then calls
     the handler that was installed before it. That one is a no-op here, so no KeyboardInterrupt
     can land in the middle of the clean-up.
+
+    After the clean shutdown (node destroyed, context shut down: no DDS files left) the process ends
+    with ``os._exit``: a stop under load once hung in the interpreter's own finalisation for over 10 s,
+    until a SIGTERM killed it. SIGUSR1 dumps every thread's stack to stderr (``NodeProcess.stop`` sends it
+    before escalating), so a hang names its place in the node's log.
     """
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     rclpy.init(args=args)
     node = node_class(node_name)
     executor = SingleThreadedExecutor()
@@ -58,7 +67,9 @@ def run_node(node_class, node_name: str, args=None) -> int:
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def parameter_descriptor(kind: int, description: str, *, choices=None, float_range=None,

@@ -1,0 +1,204 @@
+"""The policy node's safety logic, without ROS: enable / e-stop latch, joint-limit and step-limit clipping,
+the start-up ramp, the fault latch and the deadline watchdog. Pure numpy, so property-based tests can drive
+it with thousands of generated event sequences (test/test_safety.py).
+
+Rules (the README's "Safety" table lists them with their parameters):
+
+- Nothing is commanded unless enabled. ``estop(True)`` disables at once and latches; ``enable(True)``
+  succeeds only while the e-stop is released, and it clears a fault latch.
+- A command is the model's target clipped to the joint limits, then moved from the reference by at most
+  ``max_step`` per joint. The reference is the previous command, or the measured position for the first
+  command after enabling (and after a hold): the start-up ramp. A measured position outside the limits is
+  left toward the limits, never by more than ``max_step``.
+- A target with a NaN or Inf is never commanded; ``max_consecutive_faults`` of them in a row disable and
+  latch (like the e-stop, ``enable(True)`` clears it).
+- ``DeadlineWatchdog``: more than ``max_misses`` deadline misses within ``window_s`` asks the node to hold.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+REASON_ESTOP = "e-stop"
+REASON_FAULTS = "non-finite model outputs"
+
+
+class SafetyError(ValueError):
+    """Limits that cannot be used (wrong length, lower above upper, non-positive step)."""
+
+
+def per_joint(name: str, values, n_joints: int) -> np.ndarray:
+    """One number or one per joint -> ``[n_joints]`` float64; raises SafetyError naming ``name``."""
+    arr = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    if arr.size == 1:
+        arr = np.full(n_joints, float(arr[0]))
+    if arr.shape != (n_joints,):
+        raise SafetyError(f"{name}: expected one number or {n_joints} (one per joint), got {arr.size}")
+    if not np.all(np.isfinite(arr)):
+        raise SafetyError(f"{name}: expected finite numbers, got {arr.tolist()}")
+    return arr
+
+
+class SafetyLayer:
+    """What the node may command. ``lower``/``upper`` are the (narrowed) position limits, ``max_step`` the
+    largest change per command, all ``[n_joints]``."""
+
+    def __init__(self, lower, upper, max_step, max_consecutive_faults: int = 3, start_enabled: bool = False):
+        self.lower = np.asarray(lower, dtype=np.float64).copy()
+        n = self.lower.size
+        self.upper = per_joint("upper", upper, n)
+        self.max_step = per_joint("max_joint_step", max_step, n)
+        if np.any(self.lower > self.upper):
+            raise SafetyError(f"joint limits: lower {self.lower.tolist()} above upper {self.upper.tolist()} "
+                              "(joint_limit_margin too large?)")
+        if np.any(self.max_step <= 0):
+            raise SafetyError(f"max_joint_step: expected > 0 for every joint, got {self.max_step.tolist()}")
+        if int(max_consecutive_faults) < 1:
+            raise SafetyError(f"max_consecutive_faults: expected >= 1, got {max_consecutive_faults}")
+        self.max_consecutive_faults = int(max_consecutive_faults)
+        self.enabled = bool(start_enabled)
+        self.estop_active = False
+        self.latched = ""  # why commanding stays off until enable(True): REASON_ESTOP or REASON_FAULTS
+        self.disabled_reason = "" if start_enabled else "start_enabled is false: call ~/enable"
+        self.previous: np.ndarray | None = None
+        self.caught_up = False
+        self.limit_clips = 0
+        self.step_clips = 0
+        self.invalid_outputs = 0
+        self.consecutive_faults = 0
+
+    # --- enable / e-stop -------------------------------------------------------------
+    def estop(self, active: bool) -> bool:
+        """The e-stop topic's value; returns True when this call disabled commanding."""
+        active = bool(active)
+        was_enabled = self.enabled
+        self.estop_active = active
+        if active:
+            self.enabled = False
+            self.latched = REASON_ESTOP
+            self.disabled_reason = "e-stop: estop went true (release it, then call ~/enable with true)"
+        return was_enabled and not self.enabled
+
+    def enable(self, on: bool) -> tuple[bool, str]:
+        """``~/enable``: returns (success, message)."""
+        if not on:
+            self.enabled = False
+            self.disabled_reason = "disabled by ~/enable"
+            return True, "disabled"
+        if self.estop_active:
+            return False, "refused: the e-stop is active (estop is true); release it first"
+        cleared = self.latched
+        self.enabled = True
+        self.latched = ""
+        self.disabled_reason = ""
+        self.consecutive_faults = 0
+        self.restart_ramp()
+        return True, "enabled" + (f" (cleared the {cleared} latch)" if cleared else "") + \
+            ": ramping from the measured position"
+
+    def restart_ramp(self) -> None:
+        """The next command is limited against the measured position, not the previous command."""
+        self.previous = None
+        self.caught_up = False
+
+    @property
+    def state(self) -> str:
+        return "enabled" if self.enabled else f"disabled: {self.disabled_reason}"
+
+    # --- commands --------------------------------------------------------------------
+    def _fault(self) -> None:
+        self.invalid_outputs += 1
+        self.consecutive_faults += 1
+        if self.consecutive_faults >= self.max_consecutive_faults and self.enabled:
+            self.enabled = False
+            self.latched = REASON_FAULTS
+            self.disabled_reason = (f"{self.consecutive_faults} consecutive non-finite model outputs "
+                                    "(max_consecutive_faults): call ~/enable with true")
+
+    def _step(self, target: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, bool]:
+        inside = np.clip(target, self.lower, self.upper)
+        if np.any(inside != target):
+            self.limit_clips += 1
+        step = inside - reference
+        limited = np.clip(step, -self.max_step, self.max_step)
+        clipped = bool(np.any(limited != step))
+        if clipped:
+            self.step_clips += 1
+        return reference + limited, clipped
+
+    def command(self, target, measured) -> np.ndarray | None:
+        """The command for the model's ``target`` ``[n_joints]``, or None (disabled, non-finite target, or
+        no measured position to start the ramp from)."""
+        if not self.enabled:
+            return None
+        target = np.asarray(target, dtype=np.float64)
+        if not np.all(np.isfinite(target)):
+            self._fault()
+            return None
+        self.consecutive_faults = 0
+        reference = self.previous if self.previous is not None else measured
+        if reference is None:
+            return None
+        command, clipped = self._step(target, np.asarray(reference, dtype=np.float64))
+        if not clipped:
+            self.caught_up = True
+        self.previous = command
+        return command
+
+    def trajectory(self, targets, measured) -> np.ndarray | None:
+        """A chunk ``[H, n_joints]`` as trajectory points: the first within ``max_step`` of the measured
+        position, each next one within ``max_step`` of the one before; None as for ``command``."""
+        if not self.enabled:
+            return None
+        targets = np.asarray(targets, dtype=np.float64)
+        if not np.all(np.isfinite(targets)):
+            self._fault()
+            return None
+        self.consecutive_faults = 0
+        reference = measured if measured is not None else self.previous
+        if reference is None:
+            return None
+        points = np.empty_like(targets)
+        reference = np.asarray(reference, dtype=np.float64)
+        any_clipped = False
+        for i, target in enumerate(targets):
+            reference, clipped = self._step(target, reference)
+            any_clipped |= clipped
+            points[i] = reference
+        if not any_clipped:
+            self.caught_up = True
+        self.previous = points[-1].copy()
+        return points
+
+    def hold(self, measured) -> None:
+        """The node commanded the measured position (hold): the next command ramps from there."""
+        self.previous = None if measured is None else np.asarray(measured, dtype=np.float64).copy()
+
+
+class DeadlineWatchdog:
+    """Counts deadline misses in a sliding time window; ``tripped`` while more than ``max_misses`` lie in it
+    (``max_misses`` 0: never trips)."""
+
+    def __init__(self, max_misses: int, window_s: float):
+        if int(max_misses) < 0 or not window_s > 0:
+            raise SafetyError(f"deadline watchdog: expected max_deadline_misses >= 0 and a window > 0 s, got "
+                              f"{max_misses} and {window_s}")
+        self.max_misses = int(max_misses)
+        self.window_s = float(window_s)
+        self._misses: deque[float] = deque()
+
+    def _expire(self, now: float) -> None:
+        while self._misses and self._misses[0] <= now - self.window_s:
+            self._misses.popleft()
+
+    def miss(self, now: float) -> None:
+        self._misses.append(float(now))
+        self._expire(now)
+
+    def recent(self, now: float) -> int:
+        self._expire(now)
+        return len(self._misses)
+
+    def tripped(self, now: float) -> bool:
+        return self.max_misses > 0 and self.recent(now) > self.max_misses
