@@ -5,6 +5,7 @@ simulated arm.
     ros2 launch vdd_ros policy.launch.py with_teacher:=true           # + teacher in shadow, same observations
     ros2 launch vdd_ros policy.launch.py with_teacher:=true driver:=teacher
     ros2 launch vdd_ros policy.launch.py use_sim:=false namespace:=arm model:=/path/to/student.onnx
+    ros2 service call /arm/student_policy/enable std_srvs/srv/SetBool "{data: true}"   # then it commands
     ros2 launch vdd_ros policy.launch.py task:=arm_sort model:=/path/to/arm_sort_student.onnx  # no shipped model
 
 Topics (relative to ``namespace``): ``joint_states`` in, ``commands`` (or ``joint_trajectory``) out.
@@ -31,11 +32,15 @@ def _flag(context, name: str) -> bool:
     return value == "true"
 
 
-def _policy_node(role: str, driving: bool, model: str, params_file: str, device: str, namespace: str) -> Node:
+def _policy_node(role: str, driving: bool, model: str, params_file: str, device: str, namespace: str,
+                 use_sim: bool) -> Node:
     # the shadow's command outputs go to its own private topics, away from the arm
     remappings = [] if driving else [("commands", "~/commands"), ("joint_trajectory", "~/joint_trajectory")]
+    overrides = {"model": model, "device": device}
+    if not use_sim:  # a physical arm: nothing moves until `ros2 service call <node>/enable` with data: true
+        overrides["start_enabled"] = False
     return Node(package=PACKAGE, executable="policy_node", name=f"{role}_policy", namespace=namespace,
-                parameters=[params_file, {"model": model, "device": device}], remappings=remappings,
+                parameters=[params_file, overrides], remappings=remappings,
                 output="screen", emulate_tty=True)
 
 
@@ -49,8 +54,10 @@ def _nodes(context):
     models = {"student": LaunchConfiguration("model").perform(context),
               "teacher": LaunchConfiguration("teacher_model").perform(context)}
     roles = ROLES if _flag(context, "with_teacher") else (driver,)
-    actions = [_policy_node(role, role == driver, models[role], params_file, device, namespace) for role in roles]
-    if _flag(context, "use_sim"):
+    use_sim = _flag(context, "use_sim")
+    actions = [_policy_node(role, role == driver, models[role], params_file, device, namespace, use_sim)
+               for role in roles]
+    if use_sim:
         actions.append(Node(package=PACKAGE, executable="arm_sim_node", name="arm_sim", namespace=namespace,
                             # the first episode waits for every policy node, the shadow included
                             parameters=[LaunchConfiguration("sim_params_file").perform(context),

@@ -9,7 +9,15 @@ names, ``episode_start`` (std_msgs/Int32: clears history and chunk, sent by arm_
 Publishes: ``commands`` (std_msgs/Float64MultiArray) or ``joint_trajectory``
 (trajectory_msgs/JointTrajectory), ``~/expert`` (std_msgs/Int32, -1 for the teacher),
 ``~/inference_time`` (std_msgs/Float64, seconds per model call), ``/diagnostics``.
-Services: ``~/reset`` (std_srvs/Trigger: clear history, chunk and expert hold).
+Services: ``~/reset`` (std_srvs/Trigger: clear history, chunk and expert hold), ``~/enable``
+(std_srvs/SetBool: enable or disable commanding).
+Safety (vdd_ros.ros.safety, README "Safety"): nothing is commanded unless enabled (``start_enabled``,
+``~/enable``); ``estop`` (std_msgs/Bool) true disables at once and latches until it is false again and
+``~/enable`` is called; every command is clipped to the joint limits (less ``joint_limit_margin``) and
+moves at most ``max_joint_step`` from the previous one (from the measured position after enabling: the
+start-up ramp); non-finite model outputs are never published and ``max_consecutive_faults`` of them
+disable the node; stale observations hold or stop (``on_stale``); observations whose stamps go backwards
+are dropped; more than ``max_deadline_misses`` late ticks within ``deadline_window_s`` hold.
 """
 from __future__ import annotations
 
@@ -29,19 +37,21 @@ from rclpy.qos import qos_profile_sensor_data
 from rclpy.subscription import Subscription
 from rclpy.timer import Timer
 from sensor_msgs.msg import JointState
-from std_msgs.msg import Float64, Float64MultiArray, Int32, MultiArrayDimension
-from std_srvs.srv import Trigger
+from std_msgs.msg import Bool, Float64, Float64MultiArray, Int32, MultiArrayDimension
+from std_srvs.srv import SetBool, Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from vdd_ros.ros.command_executor import ChunkExecutor, ExpertHold
 from vdd_ros.ros.observation import ObservationAssembler, ObservationError, ObservationHistory, spec_mismatches
 from vdd_ros.ros.realtime import freeze_gc, lock_memory, quantiles, unfreeze_gc, unlock_memory
+from vdd_ros.ros.safety import DeadlineWatchdog, SafetyError, SafetyLayer, per_joint
 from vdd_ros.ros.spin import ThrottledWarnings, parameter_descriptor, run_node, stamp_seconds
 
 TRIGGERS = ("timer", "observation")
 OUTPUTS = ("commands", "joint_trajectory")
 EXPERT_SELECTIONS = ("sample", "greedy")
 DEVICES = ("auto", "cpu", "cuda")
+ON_STALE = ("hold", "stop")
 WARN_PERIOD_S = 2.0
 # a tick later than this many periods after the previous one counts as a deadline miss
 LATE_TICK_FACTOR = 1.5
@@ -106,6 +116,28 @@ PARAMETERS = {
     "max_observation_age_s": (0.5, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
                                                "Observations older than this give no command (warning).",
                                                float_range=(0.0, 3600.0))),
+    "on_stale": ("hold", parameter_descriptor(ParameterType.PARAMETER_STRING,
+                                     "When observations are stale: hold (command the last measured position once, "
+                                     "then nothing) or stop (command nothing).", choices=ON_STALE)),
+    "start_enabled": (False, parameter_descriptor(ParameterType.PARAMETER_BOOL,
+                                         "Command as soon as active; false: wait for ~/enable true (a physical "
+                                         "arm). config/policy.yaml (the simulated arm) sets true.")),
+    "max_joint_step": ([0.0], parameter_descriptor(ParameterType.PARAMETER_DOUBLE_ARRAY,
+                                          "Largest change of a joint's command per command (rad): one number or "
+                                          "one per joint; [0.0] = each joint's velocity limit / control rate. "
+                                          "Larger model outputs are clipped toward the target.")),
+    "joint_limit_margin": (0.0, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
+                                            "Commands stay this far (rad) inside the model spec's joint position "
+                                            "limits.", float_range=(0.0, 10.0))),
+    "max_consecutive_faults": (3, parameter_descriptor(ParameterType.PARAMETER_INTEGER,
+                                              "Non-finite model outputs in a row that disable commanding "
+                                              "(latched until ~/enable true).", int_range=(1, 1000000))),
+    "max_deadline_misses": (10, parameter_descriptor(ParameterType.PARAMETER_INTEGER,
+                                            "More late ticks than this within deadline_window_s: hold (no "
+                                            "commands) until they drop below it; 0 = never hold.",
+                                            int_range=(0, 1000000))),
+    "deadline_window_s": (1.0, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
+                                           "Window of max_deadline_misses.", float_range=(0.001, 3600.0))),
     "diagnostics_period_s": (1.0, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
                                               "Period of the /diagnostics message.", float_range=(0.01, 3600.0))),
     "autostart": (True, parameter_descriptor(ParameterType.PARAMETER_BOOL,
@@ -136,6 +168,11 @@ class PolicyNode(LifecycleNode):
         self._entities = []  # publishers, subscriptions, timers, services made at configure
         self._timer = None
         self._reset_service = self.create_service(Trigger, "~/reset", self._on_reset)
+        # enable and e-stop work in every lifecycle state; the e-stop latches even before configure
+        self._enable_service = self.create_service(SetBool, "~/enable", self._on_enable)
+        self._estop_sub = self.create_subscription(Bool, "estop", self._on_estop, 10)
+        self._estop_seen = False
+        self.safety: SafetyLayer | None = None
         self._warn = ThrottledWarnings(self.get_logger(), WARN_PERIOD_S)
         self._active = False
         self._diag_timer = None
@@ -151,7 +188,8 @@ class PolicyNode(LifecycleNode):
     def _read_parameters(self) -> list[str]:
         """Copy the parameters into attributes; returns problems (one line each)."""
         problems = []
-        choices = {"device": DEVICES, "trigger": TRIGGERS, "output": OUTPUTS, "expert_selection": EXPERT_SELECTIONS}
+        choices = {"device": DEVICES, "trigger": TRIGGERS, "output": OUTPUTS, "expert_selection": EXPERT_SELECTIONS,
+                   "on_stale": ON_STALE}
         for name, allowed in choices.items():
             value = self._param(name)
             if value not in allowed and not (name == "device" and value.startswith("cuda:")):
@@ -161,7 +199,24 @@ class PolicyNode(LifecycleNode):
         self.output = self._param("output")
         self.greedy = self._param("expert_selection") == "greedy"
         self.max_age = float(self._param("max_observation_age_s"))
+        self.on_stale = self._param("on_stale")
         return problems
+
+    def _make_safety(self, spec) -> SafetyLayer:
+        """The safety layer for ``spec`` and the parameters; raises SafetyError naming the parameter."""
+        n = spec.n_joints
+        margin = float(self._param("joint_limit_margin"))
+        step = [float(v) for v in self._param("max_joint_step")]
+        if step in ([], [0.0]):
+            step = np.asarray(spec.joint_velocity_limits, dtype=np.float64) / self.rate_hz
+        lower = np.asarray(spec.joint_lower, dtype=np.float64) + margin
+        upper = np.asarray(spec.joint_upper, dtype=np.float64) - margin
+        safety = SafetyLayer(lower, per_joint("upper", upper, n), per_joint("max_joint_step", step, n),
+                             int(self._param("max_consecutive_faults")),
+                             start_enabled=bool(self._param("start_enabled")))
+        if self._estop_seen:  # an e-stop that went true before configure still holds
+            safety.estop(self._estop_seen)
+        return safety
 
     # --- lifecycle -------------------------------------------------------------------
     def on_configure(self, state: State) -> TransitionCallbackReturn:
@@ -202,13 +257,27 @@ class PolicyNode(LifecycleNode):
         self.chunk = ChunkExecutor(spec.action_horizon, replan_every)
         self.hold = ExpertHold(int(self._param("expert_hold_ticks")), float(self._param("expert_hold_min_weight")))
         self.rng = np.random.default_rng(int(self._param("seed")))
+        try:
+            safety = self._make_safety(spec)
+            watchdog = DeadlineWatchdog(int(self._param("max_deadline_misses")),
+                                        float(self._param("deadline_window_s")))
+        except SafetyError as err:
+            self.policy = None
+            self.get_logger().error(f"safety parameters: {err}")
+            return TransitionCallbackReturn.FAILURE
+        if self.safety is not None:  # a reconfigure keeps the enable state and the e-stop latch
+            safety.enabled, safety.latched = self.safety.enabled, self.safety.latched
+            safety.estop_active, safety.disabled_reason = self.safety.estop_active, self.safety.disabled_reason
+        self.safety, self.watchdog = safety, watchdog
         policy.warmup()
         self._make_entities()
         self._reset_stats()
         self.get_logger().info(
             f"configured: model '{model_path}' ({policy.kind}, {policy.n_experts} experts, provider "
             f"{policy.provider}), joints {list(spec.joint_names)}, {self.rate_hz:g} Hz, history {spec.history}, "
-            f"horizon {spec.action_horizon}, replan every {replan_every} ticks, output '{self.output}'")
+            f"horizon {spec.action_horizon}, replan every {replan_every} ticks, output '{self.output}'; "
+            f"max_joint_step {np.round(safety.max_step, 4).tolist()} rad, limits {np.round(safety.lower, 3).tolist()}"
+            f"..{np.round(safety.upper, 3).tolist()}, {safety.state}")
         return TransitionCallbackReturn.SUCCESS
 
     def _make_entities(self) -> None:
@@ -257,7 +326,8 @@ class PolicyNode(LifecycleNode):
             self._diag_in_tick = True
         self._enter_realtime()
         self._active = True
-        self.get_logger().info(f"active: commanding at {self.rate_hz:g} Hz ({self.trigger} trigger)")
+        self.get_logger().info(f"active: commanding at {self.rate_hz:g} Hz ({self.trigger} trigger); "
+                               f"{self.safety.state}")
         return super().on_activate(state)
 
     def _enter_realtime(self) -> None:
@@ -282,7 +352,8 @@ class PolicyNode(LifecycleNode):
         self._stop_control_loop()
         self._diagnostics_by_timer()
         self._leave_realtime()
-        self._publish_hold()
+        if self.safety.enabled:
+            self._publish_hold()
         self.get_logger().info("inactive: holding the last measured position, no commands")
         return super().on_deactivate(state)
 
@@ -338,8 +409,14 @@ class PolicyNode(LifecycleNode):
         self.deadline_misses = 0
         self.stale_skips = 0
         self.invalid_inputs = 0
+        self.backwards_stamps = 0
+        self.duplicate_stamps = 0
+        self.watchdog_holds = 0
         self.commands_sent = 0
         self._last_age = math.inf
+        self._last_joint_stamp = -math.inf
+        self._holding = ""  # why the last tick held ("stale", "deadline"): a hold is commanded once
+        self._reported_catch_up = False
 
     def _reset_policy_state(self) -> None:
         if self.policy is None:
@@ -347,6 +424,7 @@ class PolicyNode(LifecycleNode):
         self.history.clear()
         self.chunk.clear()
         self.hold.clear()
+        self.safety.restart_ramp()  # a new episode (the arm may have been moved): ramp from where it is
 
     def _on_reset(self, request, response):
         self._reset_policy_state()
@@ -354,6 +432,26 @@ class PolicyNode(LifecycleNode):
         response.message = "cleared history, action chunk and expert hold" if response.success \
             else "not configured: nothing to clear"
         return response
+
+    def _on_enable(self, request, response):
+        if self.safety is None:
+            response.success, response.message = False, "not configured: no model, nothing to enable"
+            return response
+        response.success, response.message = self.safety.enable(bool(request.data))
+        if response.success and request.data:
+            self.chunk.clear()  # a fresh plan from the current observation, ramped from the measured position
+            self._reported_catch_up = False
+        (self.get_logger().info if response.success else self.get_logger().warning)(
+            f"~/enable {bool(request.data)}: {response.message}")
+        return response
+
+    def _on_estop(self, msg: Bool) -> None:
+        self._estop_seen = bool(msg.data)
+        if self.safety is None:
+            return
+        if self.safety.estop(bool(msg.data)):
+            self.get_logger().warning("e-stop: commanding disabled (latched until estop is false and ~/enable "
+                                      "is called with true)")
 
     def _on_episode_start(self, msg: Int32) -> None:
         self._reset_policy_state()
@@ -367,12 +465,23 @@ class PolicyNode(LifecycleNode):
         if self.policy is None:
             return
         stamp = stamp_seconds(msg.header.stamp) or self._now()
+        if stamp <= self._last_joint_stamp:
+            if stamp == self._last_joint_stamp:
+                self.duplicate_stamps += 1
+            else:
+                self.backwards_stamps += 1
+            self._warn("stamp order", f"dropped JointState: stamp {stamp:.6f} s is not after the previous "
+                       f"{self._last_joint_stamp:.6f} s")
+            return
         try:
             self.assembler.update_joint_state(msg.name, msg.position, msg.velocity, stamp)
         except ObservationError as err:
             self.invalid_inputs += 1
             self._warn(str(err), f"ignored JointState on {self.resolve_topic_name('joint_states')}: {err}")
             return
+        self._last_joint_stamp = stamp
+        # trigger timer: a burst of messages gives one command per tick (the latest message); trigger
+        # observation: one command per message by design (lockstep simulation), each within the step limit
         if self._active and self.trigger == "observation":
             self._control_tick()
 
@@ -408,7 +517,7 @@ class PolicyNode(LifecycleNode):
             period = started - self._last_tick_time
             self.tick_periods.append(period)
             if period > LATE_TICK_FACTOR * self.period:
-                self.deadline_misses += 1
+                self._deadline_miss(started)
         self._last_tick_time = started
         age = self.assembler.age(self._now())
         self._last_age = age
@@ -417,24 +526,72 @@ class PolicyNode(LifecycleNode):
             missing = self.assembler.missing()
             reason = f"no message yet on {missing}" if missing else \
                 f"observation is {age:.3f} s old > max_observation_age_s {self.max_age}"
-            self._warn("stale", f"no command: {reason}")
+            self._warn("stale", f"no command: {reason}" + (" (holding the last measured position)"
+                                                          if self.on_stale == "hold" and not missing else ""))
+            self._hold_once("stale", publish=self.on_stale == "hold")
             return
         self.history.push(self.assembler.frame())
+        safety = self.safety
+        if not safety.enabled:
+            self.chunk.clear()  # the first plan after enabling starts from the observation of that tick
+            self._holding = ""
+            return
+        if self.watchdog.tripped(started):
+            self._warn("deadline", f"holding: {self.watchdog.recent(started)} deadline misses in the last "
+                       f"{self.watchdog.window_s:g} s > max_deadline_misses {self.watchdog.max_misses}")
+            if self._holding != "deadline":
+                self.watchdog_holds += 1
+            self._hold_once("deadline", publish=True)
+            return
+        self._holding = ""
+        measured = self.assembler.joint_positions()
         if self.chunk.needs_plan:
-            self._plan()
+            if not self._plan():
+                self._record_work(started)
+                return
             if self.output == "joint_trajectory":
-                self._publish_trajectory(self.chunk.remaining())
+                points = safety.trajectory(self.chunk.remaining(), measured)
+                if points is not None:
+                    self._publish_trajectory(points)
+                    self.commands_sent += 1
+                self._report_catch_up()
         action = self.chunk.next_action()
         if self.output == "commands":
-            self.command_pub.publish(Float64MultiArray(data=action.tolist()))
-        self.commands_sent += 1
+            command = safety.command(action, measured)
+            if command is not None:
+                self.command_pub.publish(Float64MultiArray(data=command.tolist()))
+                self.commands_sent += 1
+                self._report_catch_up()
         self._tick += 1
+        self._record_work(started)
+
+    def _record_work(self, started: float) -> None:
         work = time.perf_counter() - started
         self.tick_work_times.append(work)
         if work > self.period:
-            self.deadline_misses += 1
+            self._deadline_miss(started)
 
-    def _plan(self) -> None:
+    def _deadline_miss(self, now: float) -> None:
+        self.deadline_misses += 1
+        self.watchdog.miss(now)
+
+    def _hold_once(self, reason: str, publish: bool) -> None:
+        """Stale data or too many deadline misses: command the measured position once (``publish``), then
+        nothing until the cause is gone; the next command ramps from the measured position."""
+        if self._holding != reason:
+            self._holding = reason
+            self.chunk.clear()
+            if publish and self.safety.enabled:
+                self._publish_hold()
+            self.safety.restart_ramp()
+
+    def _report_catch_up(self) -> None:
+        if self.safety.caught_up and not self._reported_catch_up:
+            self._reported_catch_up = True
+            self.get_logger().info(f"ramp: caught up with the model's output (step clips so far: "
+                                   f"{self.safety.step_clips})")
+
+    def _plan(self) -> bool:
         window = self.history.window()
         held = self.hold.candidate(self._tick) if self.policy.n_experts else None
         t0 = time.perf_counter()
@@ -446,11 +603,21 @@ class PolicyNode(LifecycleNode):
             out = self.policy.act_detailed(window, self.rng, greedy=self.greedy, expert=None)
         elapsed = time.perf_counter() - t0
         self.inference_times.append(elapsed)
+        if not np.all(np.isfinite(out.actions)):
+            # never published; counted (and, repeated, latched) by the safety layer
+            self.safety.fault()
+            self.get_logger().error(
+                f"model output is not finite (expert {out.expert}): {np.asarray(out.actions).tolist()} for the "
+                f"observation window {np.asarray(window).tolist()}; {self.safety.state}",
+                throttle_duration_sec=WARN_PERIOD_S)
+            self.chunk.clear()
+            return False
         self.chunk.load(out.actions)
         if out.expert >= 0:
             self.hold.record(self._tick, out.expert, held=held is not None)
         self.expert_pub.publish(Int32(data=int(out.expert)))
         self.latency_pub.publish(Float64(data=elapsed))
+        return True
 
     def _publish_trajectory(self, actions: np.ndarray) -> None:
         msg = JointTrajectory()
@@ -479,6 +646,7 @@ class PolicyNode(LifecycleNode):
             msg.header.stamp = self.get_clock().now().to_msg()
         # lifecycle publishers are still enabled here: super().on_deactivate disables them afterwards
         self.command_pub.publish(msg)
+        self.safety.hold(q)
 
     # --- diagnostics -----------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
@@ -501,12 +669,31 @@ class PolicyNode(LifecycleNode):
             "stale_skips": str(self.stale_skips),
             "invalid_inputs": str(self.invalid_inputs),
             "commands_sent": str(self.commands_sent),
+            "enabled": str(bool(self.safety and self.safety.enabled)),
+            "safety_state": self.safety.state if self.safety else "not configured",
+            "estop": str(bool(self.safety and self.safety.estop_active)),
+            "limit_clips": str(self.safety.limit_clips if self.safety else 0),
+            "step_clips": str(self.safety.step_clips if self.safety else 0),
+            "ramp_caught_up": str(bool(self.safety and self.safety.caught_up)),
+            "invalid_outputs": str(self.safety.invalid_outputs if self.safety else 0),
+            "backwards_stamps": str(self.backwards_stamps),
+            "duplicate_stamps": str(self.duplicate_stamps),
+            "deadline_misses_in_window": str(self.watchdog.recent(time.perf_counter()) if self.safety else 0),
+            "watchdog_holds": str(self.watchdog_holds),
             "gc_frozen": str(self.gc_frozen),
             "memory_locked": str(self.memory_locked),
         }
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
+        recent = self.watchdog.recent(time.perf_counter()) if self.safety else 0
         if not self._active:
             status.level, status.message = DiagnosticStatus.WARN, "inactive"
+        elif not self.safety.enabled:
+            status.level, status.message = DiagnosticStatus.WARN, self.safety.state
+        elif self.watchdog.max_misses and recent > self.watchdog.max_misses:
+            status.level, status.message = DiagnosticStatus.ERROR, \
+                f"holding: {recent} deadline misses in {self.watchdog.window_s:g} s"
+        elif recent:
+            status.level, status.message = DiagnosticStatus.WARN, f"{recent} deadline misses in the window"
         elif self.stale_skips or self.invalid_inputs:
             status.level, status.message = DiagnosticStatus.WARN, "skipped ticks (stale or invalid observations)"
         else:

@@ -107,7 +107,8 @@ class SafetyLayer:
         return "enabled" if self.enabled else f"disabled: {self.disabled_reason}"
 
     # --- commands --------------------------------------------------------------------
-    def _fault(self) -> None:
+    def fault(self) -> None:
+        """A model output that cannot be commanded (non-finite): counted; repeated ones latch."""
         self.invalid_outputs += 1
         self.consecutive_faults += 1
         if self.consecutive_faults >= self.max_consecutive_faults and self.enabled:
@@ -134,7 +135,7 @@ class SafetyLayer:
             return None
         target = np.asarray(target, dtype=np.float64)
         if not np.all(np.isfinite(target)):
-            self._fault()
+            self.fault()
             return None
         self.consecutive_faults = 0
         reference = self.previous if self.previous is not None else measured
@@ -153,7 +154,7 @@ class SafetyLayer:
             return None
         targets = np.asarray(targets, dtype=np.float64)
         if not np.all(np.isfinite(targets)):
-            self._fault()
+            self.fault()
             return None
         self.consecutive_faults = 0
         reference = measured if measured is not None else self.previous
