@@ -334,7 +334,10 @@ class PolicyNode(LifecycleNode):
         """Everything the loop needs exists now: freeze the heap and lock memory (as the parameters ask)."""
         if self._param("lock_memory") and not self.memory_locked:
             self.memory_locked, line = lock_memory()
-            (self.get_logger().info if self.memory_locked else self.get_logger().warning)(line)
+            if self.memory_locked:  # (rclpy refuses two severities from one call site)
+                self.get_logger().info(line)
+            else:
+                self.get_logger().warning(line)
         if self._param("gc_freeze"):
             frozen, seconds = freeze_gc()
             self.gc_frozen = True
@@ -441,8 +444,11 @@ class PolicyNode(LifecycleNode):
         if response.success and request.data:
             self.chunk.clear()  # a fresh plan from the current observation, ramped from the measured position
             self._reported_catch_up = False
-        (self.get_logger().info if response.success else self.get_logger().warning)(
-            f"~/enable {bool(request.data)}: {response.message}")
+        line = f"~/enable {bool(request.data)}: {response.message}"
+        if response.success:  # (rclpy refuses two severities from one call site)
+            self.get_logger().info(line)
+        else:
+            self.get_logger().warning(line)
         return response
 
     def _on_estop(self, msg: Bool) -> None:
