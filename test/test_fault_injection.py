@@ -362,3 +362,43 @@ def test_corrupted_or_truncated_model_files_are_refused_at_configure(tmp_path, d
     finally:
         codes = [node.stop() for node in nodes.values()]
     assert codes == [0] * len(nodes)
+
+
+# --- out-of-distribution observations, deadline overruns ---------------------------------------------
+def test_an_observation_far_outside_the_training_data_holds_until_it_returns(tmp_path, domain_id, arm_student,
+                                                                            injector):
+    node = running(tmp_path, domain_id, injector, model=str(arm_student), ood_threshold=3.0)
+    try:
+        injector.spin(0.5, follow=True)
+        injector.q = np.array([1.8, 1.86, 1.75])  # joint_1 at its limit: > 7 std from the demonstrations' mean
+        count, moved = len(injector.commands), time.monotonic()
+        injector.spin(0.8)
+        late = [c for t, c in injector.commands[count:] if t - moved > 0.05]
+        assert len(late) <= 1, f"{len(late)} commands while the observation was out of distribution"
+        if late:  # the hold: the measured position
+            np.testing.assert_allclose(late[0], injector.q, atol=1e-12)
+        diagnostics = injector.latest_diagnostics()
+        assert int(diagnostics["ood_holds"]) >= 1 and float(diagnostics["ood_distance"]) > 3.0, diagnostics
+        assert "outside the training data" in diagnostics["_message"]
+        injector.q = np.array(START_Q)  # (not following the commands: the last one held the far position)
+        count = len(injector.commands)
+        injector.spin(0.5)
+        assert len(injector.commands) - count >= 20, "commands did not resume in distribution"
+    finally:
+        stop(node)
+    assert "std outside the training data > ood_threshold 3" in node.log()
+
+
+def test_repeated_deadline_misses_raise_the_diagnostics_level_and_hold(tmp_path, domain_id, arm_student, injector):
+    # 5 kHz: a Python tick and a model call cannot keep a 0.2 ms period on this machine
+    node = running(tmp_path, domain_id, injector, model=str(arm_student), control_rate_hz=5000.0,
+                   max_deadline_misses=5, deadline_window_s=1.0)
+    try:
+        injector.spin(1.5)
+        statuses = injector.diagnostics[-5:]
+        assert any("deadline misses" in s["_message"] for s in statuses), statuses
+        assert int(injector.latest_diagnostics()["watchdog_holds"]) >= 1
+        assert node.alive
+    finally:
+        stop(node)
+    assert "max_deadline_misses 5" in node.log()

@@ -119,8 +119,14 @@ def prepare_training_data(dataset: DemoDataset, history: int, horizon: int, mode
         fitted = Normalization.fit(dataset.observations[:, columns], dataset.actions)
         normalization = Normalization(*(tuple(float(v) for v in values) for values in
                                         (fitted.obs_mean, fitted.obs_std, fitted.act_mean, fitted.act_std)))
+    frames = dataset.observations[:, columns]
+    # the envelope of the training observations: the policy node holds when a live frame leaves it
+    # (ood_threshold), and the exported spec carries it
+    envelope = {"observation_low": [float(v) for v in frames.min(0)],
+                "observation_high": [float(v) for v in frames.max(0)]}
     spec = dataset.spec.replace(history=history, action_horizon=horizon, normalization=normalization,
-                                model_kind=model_kind, observation_fields=fields)
+                                model_kind=model_kind, observation_fields=fields,
+                                model_info={**dataset.spec.model_info, **envelope})
     obs = spec.normalize_obs(obs_windows).reshape(len(obs_windows), -1).astype(np.float32)
     act = spec.normalize_action(act_chunks).reshape(len(act_chunks), -1).astype(np.float32)
     return TrainingData(spec=spec, observations=obs, actions=act, dataset=dataset)

@@ -44,7 +44,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from vdd_ros.ros.command_executor import ChunkExecutor, ExpertHold
 from vdd_ros.ros.observation import ObservationAssembler, ObservationError, ObservationHistory, spec_mismatches
 from vdd_ros.ros.realtime import freeze_gc, lock_memory, quantiles, unfreeze_gc, unlock_memory
-from vdd_ros.ros.safety import DeadlineWatchdog, SafetyError, SafetyLayer, per_joint
+from vdd_ros.ros.safety import DeadlineWatchdog, ObservationEnvelope, SafetyError, SafetyLayer, per_joint
 from vdd_ros.ros.spin import ThrottledWarnings, parameter_descriptor, run_node, stamp_seconds
 
 TRIGGERS = ("timer", "observation")
@@ -52,6 +52,7 @@ OUTPUTS = ("commands", "joint_trajectory")
 EXPERT_SELECTIONS = ("sample", "greedy")
 DEVICES = ("auto", "cpu", "cuda")
 ON_STALE = ("hold", "stop")
+OOD_THRESHOLD = 3.0  # std beyond the training range; docs/safety.md: what normal runs reach
 WARN_PERIOD_S = 2.0
 # a tick later than this many periods after the previous one counts as a deadline miss
 LATE_TICK_FACTOR = 1.5
@@ -138,6 +139,10 @@ PARAMETERS = {
                                             int_range=(0, 1000000))),
     "deadline_window_s": (1.0, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
                                            "Window of max_deadline_misses.", float_range=(0.001, 3600.0))),
+    "ood_threshold": (OOD_THRESHOLD, parameter_descriptor(
+        ParameterType.PARAMETER_DOUBLE, "Hold (no commands) while the observation lies further than this many "
+        "standard deviations outside the training observations' range (the largest over its dimensions); "
+        "0 = off.", float_range=(0.0, 1000.0))),
     "diagnostics_period_s": (1.0, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
                                               "Period of the /diagnostics message.", float_range=(0.01, 3600.0))),
     "autostart": (True, parameter_descriptor(ParameterType.PARAMETER_BOOL,
@@ -269,6 +274,8 @@ class PolicyNode(LifecycleNode):
             safety.enabled, safety.latched = self.safety.enabled, self.safety.latched
             safety.estop_active, safety.disabled_reason = self.safety.estop_active, self.safety.disabled_reason
         self.safety, self.watchdog = safety, watchdog
+        self.envelope, envelope_source = ObservationEnvelope.from_spec(spec)
+        self.ood_threshold = float(self._param("ood_threshold"))
         policy.warmup()
         self._make_entities()
         self._reset_stats()
@@ -277,7 +284,8 @@ class PolicyNode(LifecycleNode):
             f"{policy.provider}), joints {list(spec.joint_names)}, {self.rate_hz:g} Hz, history {spec.history}, "
             f"horizon {spec.action_horizon}, replan every {replan_every} ticks, output '{self.output}'; "
             f"max_joint_step {np.round(safety.max_step, 4).tolist()} rad, limits {np.round(safety.lower, 3).tolist()}"
-            f"..{np.round(safety.upper, 3).tolist()}, {safety.state}")
+            f"..{np.round(safety.upper, 3).tolist()}, ood_threshold {self.ood_threshold:g} std beyond "
+            f"{envelope_source}, {safety.state}")
         return TransitionCallbackReturn.SUCCESS
 
     def _make_entities(self) -> None:
@@ -415,6 +423,9 @@ class PolicyNode(LifecycleNode):
         self.backwards_stamps = 0
         self.duplicate_stamps = 0
         self.watchdog_holds = 0
+        self.ood_holds = 0
+        self.ood_distance = 0.0
+        self.ood_distance_max = 0.0
         self.commands_sent = 0
         self._last_age = math.inf
         self._last_joint_stamp = -math.inf
@@ -536,7 +547,10 @@ class PolicyNode(LifecycleNode):
                                                           if self.on_stale == "hold" and not missing else ""))
             self._hold_once("stale", publish=self.on_stale == "hold")
             return
-        self.history.push(self.assembler.frame())
+        frame = self.assembler.frame()
+        self.history.push(frame)
+        self.ood_distance = distance = self.envelope.distance(frame)
+        self.ood_distance_max = max(self.ood_distance_max, distance)
         safety = self.safety
         if not safety.enabled:
             self.chunk.clear()  # the first plan after enabling starts from the observation of that tick
@@ -548,6 +562,13 @@ class PolicyNode(LifecycleNode):
             if self._holding != "deadline":
                 self.watchdog_holds += 1
             self._hold_once("deadline", publish=True)
+            return
+        if self.ood_threshold and distance > self.ood_threshold:
+            self._warn("ood", f"holding: the observation is {distance:.2f} std outside the training data "
+                       f"> ood_threshold {self.ood_threshold:g}: {np.round(frame, 4).tolist()}")
+            if self._holding != "ood":
+                self.ood_holds += 1
+            self._hold_once("ood", publish=True)
             return
         self._holding = ""
         measured = self.assembler.joint_positions()
@@ -686,6 +707,9 @@ class PolicyNode(LifecycleNode):
             "duplicate_stamps": str(self.duplicate_stamps),
             "deadline_misses_in_window": str(self.watchdog.recent(time.perf_counter()) if self.safety else 0),
             "watchdog_holds": str(self.watchdog_holds),
+            "ood_distance": f"{self.ood_distance:.3f}",
+            "ood_distance_max": f"{self.ood_distance_max:.3f}",
+            "ood_holds": str(self.ood_holds),
             "gc_frozen": str(self.gc_frozen),
             "memory_locked": str(self.memory_locked),
         }
@@ -698,6 +722,9 @@ class PolicyNode(LifecycleNode):
         elif self.watchdog.max_misses and recent > self.watchdog.max_misses:
             status.level, status.message = DiagnosticStatus.ERROR, \
                 f"holding: {recent} deadline misses in {self.watchdog.window_s:g} s"
+        elif self._holding == "ood":
+            status.level, status.message = DiagnosticStatus.ERROR, \
+                f"holding: observation {self.ood_distance:.2f} std outside the training data"
         elif recent:
             status.level, status.message = DiagnosticStatus.WARN, f"{recent} deadline misses in the window"
         elif self.stale_skips or self.invalid_inputs:

@@ -13,6 +13,8 @@ Rules (the README's "Safety" table lists them with their parameters):
 - A target with a NaN or Inf is never commanded; ``max_consecutive_faults`` of them in a row disable and
   latch (like the e-stop, ``enable(True)`` clears it).
 - ``DeadlineWatchdog``: more than ``max_misses`` deadline misses within ``window_s`` asks the node to hold.
+- ``ObservationEnvelope``: how far a live frame lies outside the training observations, in standard
+  deviations beyond their range (per dimension, the largest); the node holds above ``ood_threshold``.
 """
 from __future__ import annotations
 
@@ -203,3 +205,38 @@ class DeadlineWatchdog:
 
     def tripped(self, now: float) -> bool:
         return self.max_misses > 0 and self.recent(now) > self.max_misses
+
+
+# without a recorded range (models exported before it was recorded) the envelope is mean +- this many std
+FALLBACK_ENVELOPE_STD = 4.0
+
+
+class ObservationEnvelope:
+    """The training observations' per-dimension range ``[low, high]`` and std (frames ``[obs_step_dim]``).
+
+    ``distance(frame)``: ``max_i max(0, low_i - x_i, x_i - high_i) / std_i``, 0 inside the range.
+    """
+
+    def __init__(self, low, high, std):
+        self.std = np.asarray(std, dtype=np.float64)
+        n = self.std.size
+        self.low = per_joint("observation_low", low, n)
+        self.high = per_joint("observation_high", high, n)
+        if np.any(self.std <= 0) or np.any(self.low > self.high):
+            raise SafetyError("observation envelope: expected std > 0 and low <= high")
+
+    @classmethod
+    def from_spec(cls, spec) -> tuple[ObservationEnvelope, str]:
+        """The envelope of a model spec and where it came from (the recorded range, or mean +- 4 std)."""
+        norm = spec.normalization
+        mean, std = np.asarray(norm.obs_mean, np.float64), np.asarray(norm.obs_std, np.float64)
+        info = spec.model_info
+        if "observation_low" in info and "observation_high" in info:
+            return cls(info["observation_low"], info["observation_high"], std), "the training data's range"
+        return (cls(mean - FALLBACK_ENVELOPE_STD * std, mean + FALLBACK_ENVELOPE_STD * std, std),
+                f"mean +- {FALLBACK_ENVELOPE_STD:g} std (the model records no range)")
+
+    def distance(self, frame) -> float:
+        x = np.asarray(frame, dtype=np.float64)
+        beyond = np.maximum(np.maximum(self.low - x, x - self.high), 0.0) / self.std
+        return float(beyond.max()) if beyond.size else 0.0
