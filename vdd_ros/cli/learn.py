@@ -205,6 +205,7 @@ def register(subparsers) -> None:
         "observation window.")
     distill.add_argument("--teacher", default=None,
                          help="teacher checkpoint (default: models/teacher.pt here, else the package's shipped one)")
+    add_external_teacher_flags(distill)
     _add_common(distill, "distill")
     distill.set_defaults(func=run_distill)
 
@@ -216,13 +217,15 @@ def register(subparsers) -> None:
     em.set_defaults(func=run_train_em)
 
     evaluate = subparsers.add_parser(
-        "eval", help="roll out teacher/student/EM checkpoints on their built-in task and compare them",
+        "eval", help="roll out teacher/student/EM checkpoints on their built-in task, or score them on held-out "
+        "demonstrations (--dataset), and compare them",
         description="Closed-loop rollouts of any mix of checkpoints of one built-in task (the task named in "
         "their spec: arm_avoid or arm_sort). Prints one table (success, route entropy, routes covered, "
         "collisions, timeouts, network evaluations and time per action; under a mixture its greedy policy "
         "and each expert forced alone, on --expert-episodes episodes), writes it as JSON and the rollouts "
         "as a PNG (one panel per model, paths coloured by route). The teacher samples with Euler steps, "
-        "as its exported ONNX graph does.")
+        "as its exported ONNX graph does. With --dataset held_out.npz: offline numbers on held-out "
+        "demonstrations instead, for any task (no simulator); add --rollouts for both.")
     evaluate.add_argument("--teacher", help="diffusion teacher checkpoint")
     evaluate.add_argument("--student", help="VDD student checkpoint")
     evaluate.add_argument("--em", help="EM baseline checkpoint")
@@ -242,6 +245,33 @@ def register(subparsers) -> None:
                           "under the mixture's (0: none; default: %(default)s)")
     evaluate.add_argument("--json", default="eval.json", help="table as JSON (default: %(default)s)")
     evaluate.add_argument("--plot", default="eval_rollouts.png", help="rollout figure (default: %(default)s)")
+    offline = evaluate.add_argument_group(
+        "offline evaluation on held-out demonstrations (--dataset; any task, no simulator)")
+    offline.add_argument("--dataset", default=None, metavar="NPZ",
+                         help="held-out demonstrations (.npz from vdd demos / import-bag / import-hdf5 / "
+                         "import-lerobot, not used in training): per mixture the exact log-likelihood of the "
+                         "demonstrated chunks, the RMSE of the closest expert mean and of a sampled chunk, the "
+                         "experts in use, and (with --teacher) the energy distance of its samples to the "
+                         "teacher's beside the teacher-vs-teacher noise floor. Without --rollouts no rollouts run")
+    offline.add_argument("--rollouts", action="store_true",
+                         help="with --dataset: also the closed-loop rollouts (built-in tasks only), their success "
+                         "and entropy beside the offline numbers")
+    offline.add_argument("--states", type=int, default=64,
+                         help="held-out states of the energy distances, an equal share per cluster "
+                         "(default: %(default)s)")
+    offline.add_argument("--samples", type=int, default=64,
+                         help="samples per state of each model and of each teacher set (default: %(default)s)")
+    offline.add_argument("--clusters", type=int, default=4,
+                         help="k-means clusters of the held-out states, one plot each (default: %(default)s)")
+    offline.add_argument("--weight-threshold", type=float, default=0.02,
+                         help="an expert carries weight at a state above this gating weight (default: %(default)s)")
+    offline.add_argument("--max-states", type=int, default=5000,
+                         help="per-state numbers on at most this many held-out steps, a random subset "
+                         "(default: %(default)s)")
+    offline.add_argument("--offline-plots", default="eval_offline", metavar="PREFIX",
+                         help="per-cluster figures PREFIX_cluster<k>.png: teacher vs model samples on the teacher "
+                         "samples' two main PCA directions (default: %(default)s)")
+    offline.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=run_eval)
 
 
@@ -417,15 +447,143 @@ def run_train_teacher(args) -> int:
 
 
 # --- distill ---------------------------------------------------------------------------
+def add_external_teacher_flags(parser) -> None:
+    """The flags of a teacher trained elsewhere (docs/external_teacher.md); values are checked by
+    ``vdd_ros.learn.external_teacher.ExternalTeacherConfig`` (errors name these flags)."""
+    group = parser.add_argument_group(
+        "a teacher trained elsewhere (instead of --teacher; needs --dataset; docs/external_teacher.md)")
+    group.add_argument("--teacher-denoiser", default=None, metavar="FILE",
+                       help="TorchScript (.pt) or ONNX (.onnx) file: ddpm_eps: eps = model(x, obs, t [B] int64); "
+                       "edm_denoiser: denoised = model(x, obs, sigma [B]); x [B, horizon*joints] and obs "
+                       "[B, history*frame] in the teacher's normalised units")
+    group.add_argument("--teacher-kind", default="", help="ddpm_eps (noise prediction) or edm_denoiser")
+    group.add_argument("--teacher-norm", default="", metavar="FILE",
+                       help="the teacher's normalisation: .json/.npz with obs_mean+obs_std | obs_min+obs_max | "
+                       "obs_scale+obs_offset and the same for action_ (per frame entry / joint, or per window / "
+                       "chunk entry), or 'identity'")
+    group.add_argument("--teacher-history", type=int, default=0,
+                       help="observation frames the teacher reads (default: robot.yaml's history)")
+    group.add_argument("--teacher-horizon", type=int, default=0,
+                       help="actions per chunk the teacher predicts (default: robot.yaml's horizon)")
+    group.add_argument("--teacher-obs-fields", default="", metavar="NAMES",
+                       help="comma-separated observation fields of the dataset frame the teacher reads, kept in "
+                       "the frame's order (default: all)")
+    group.add_argument("--teacher-layout", default="flat",
+                       help="flat: x [B, H*J], obs [B, T*D]; sequence: x [B, H, J], obs [B, T, D] (default: flat)")
+    group.add_argument("--execute-steps", type=int, default=0,
+                       help="actions of each chunk executed before re-planning, recorded for eval/export "
+                       "(default: half the horizon)")
+    group.add_argument("--schedule", default="", help="ddpm_eps: beta schedule, linear, scaled_linear or "
+                       "squaredcos_cap_v2 (diffusers' names)")
+    group.add_argument("--train-steps", type=int, default=0,
+                       help="ddpm_eps: number of diffusion steps it was trained with (t = 0..N-1)")
+    group.add_argument("--beta-start", type=float, default=1e-4,
+                       help="ddpm_eps linear/scaled_linear: first beta (default: %(default)s)")
+    group.add_argument("--beta-end", type=float, default=0.02,
+                       help="ddpm_eps linear/scaled_linear: last beta (default: %(default)s)")
+    group.add_argument("--clip-sample", action="store_true",
+                       help="ddpm_eps sampling: clip the clean-chunk estimate to [-1, 1] (diffusers' clip_sample)")
+    group.add_argument("--teacher-sample-steps", type=int, default=0,
+                       help="teacher sampling (guard, rollouts): ddpm_eps 0 = ancestral over every step, N = "
+                       "DDIM with N steps; edm_denoiser Euler steps (0: 18)")
+    group.add_argument("--edm-output", default="denoised",
+                       help="edm_denoiser: denoised (the model returns D(x; sigma)) or network (the raw F of "
+                       "Karras et al., preconditioned here with --sigma-data) (default: denoised)")
+    group.add_argument("--sigma-data", type=float, default=0.5,
+                       help="edm_denoiser with --edm-output network: sigma_data of its preconditioning "
+                       "(default: %(default)s)")
+    group.add_argument("--edm-sigma-max", type=float, default=80.0,
+                       help="edm_denoiser sampling: first noise level of the Karras schedule (default: %(default)s)")
+
+
+def _external_teacher_setup(args, config, robot):
+    """``(teacher, training data, student spec, saved config, teacher path)`` for --teacher-denoiser."""
+    from vdd_ros.learn.external_teacher import ExternalTeacherConfig, load_external_teacher
+    from vdd_ros.learn.pipeline import field_columns, load_demonstrations, prepare_training_data
+
+    path = args.teacher_denoiser
+    if args.teacher:
+        raise ValueError(f"--teacher and --teacher-denoiser: expected one of them, got both ('{args.teacher}', "
+                         f"'{path}')")
+    if not config.dataset:
+        raise ValueError("--dataset: expected the demonstrations .npz whose states the student is distilled on "
+                         "(a teacher trained elsewhere brings no data), got none")
+    dataset = load_demonstrations(config.dataset)
+    robot.check(dataset.spec, _dataset_name(config.dataset, ""), "dataset")
+    values = {"history": args.teacher_history, "horizon": args.teacher_horizon}
+    for key, value in values.items():
+        if not value and robot.robot is not None:
+            values[key] = {"history": robot.robot.spec.history, "horizon": robot.robot.horizon}[key]
+            if values[key]:
+                print(f"vdd distill: teacher {key} {values[key]} from robot {robot.robot.path}", flush=True)
+        if not isinstance(values[key], int) or values[key] < 1:
+            what = "frames the teacher reads" if key == "history" else "actions per chunk"
+            raise ValueError(f"--teacher-{key}: expected an integer >= 1 ({what}; or --robot robot.yaml with a "
+                             f"{key}), got {values[key] or 'none'}")
+    history, horizon = values["history"], values["horizon"]
+    names = [n.strip() for n in args.teacher_obs_fields.split(",") if n.strip()]
+    try:
+        fields = [f.name for f in field_columns(dataset.spec.observation_fields, names)[0]]
+    except ValueError as err:
+        raise ValueError(f"--teacher-obs-fields: {str(err).split(': ', 1)[1]}") from None
+    execute_steps = args.execute_steps or max(1, horizon // 2)
+    if not 1 <= execute_steps <= horizon:
+        raise ValueError(f"--execute-steps: expected an integer in 1..{horizon} (the horizon), got {execute_steps}")
+    training = prepare_training_data(dataset, history, horizon, "vdd_mixture", observation_fields=fields)
+    external = ExternalTeacherConfig(
+        path=path, kind=args.teacher_kind, history=history, horizon=horizon, observation_fields=tuple(fields),
+        norm=args.teacher_norm, layout=args.teacher_layout, schedule=args.schedule, train_steps=args.train_steps,
+        beta_start=args.beta_start, beta_end=args.beta_end, clip_sample=args.clip_sample,
+        sample_steps=args.teacher_sample_steps, edm_output=args.edm_output, sigma_data=args.sigma_data,
+        sigma_max=args.edm_sigma_max)
+    teacher = load_external_teacher(external, training.spec)
+    print(f"vdd distill: {teacher.summary()}", flush=True)
+    low, high = config.sigma_range(0)
+    print(f"vdd distill: {teacher.query_range(low, high)}; observation fields {fields}, history {history}, "
+          f"horizon {horizon}, execute_steps {execute_steps}", flush=True)
+    spec = training.spec.replace(model_info={"execute_steps": execute_steps, "teacher": os.path.basename(path),
+                                             "teacher_kind": external.kind})
+    saved = dict(config.to_dict(), teacher=path, dataset=config.dataset, history=history, horizon=horizon,
+                 execute_steps=execute_steps, observation_fields=fields, external_teacher=teacher.describe())
+    return teacher, training, spec, saved, path
+
+
 def run_distill(args) -> int:
     robot = RobotOption.from_args(args, "distill")
     config = build_config(VDDConfig, args, robot.config_base(VDDConfig, args))
     out = output_path(args, "distill")
-    teacher_path = _shipped_teacher(args.teacher)
     _torch_setup()
+    from vdd_ros.learn.vdd import distill
+
+    if getattr(args, "teacher_denoiser", None):
+        teacher_model, training, spec, saved, teacher_path = _external_teacher_setup(args, config, robot)
+    else:
+        teacher_model, training, spec, saved, teacher_path = _checkpoint_teacher_setup(args, config, robot)
+    print(f"vdd distill: writing {out}", flush=True)
+
+    def periodic(iteration, model, record):
+        every = config.checkpoint_every
+        if every and (iteration + 1) % every == 0 and iteration + 1 < config.iterations:
+            _save(out, model, "vdd_mixture", spec, saved, {"iteration": iteration})
+
+    started = time.perf_counter()
+    model = distill(teacher_model, training.observations, training.actions, config, progress=not args.quiet,
+                    callback=periodic)
+    seconds = time.perf_counter() - started
+    history = _jsonable(dict(getattr(model, "training_history", {}), wall_time_s=seconds))
+    _save(out, model, "vdd_mixture", spec, saved, history)
+    weights = history.get("mean_gating_weights", [])
+    _summary(out=out, teacher=teacher_path, states=len(training.observations), iterations=config.iterations,
+             dead_experts=len(history.get("dead_experts", [])),
+             gating_weights="[" + ",".join(f"{w:.3f}" for w in weights) + "]", seconds=round(seconds, 1))
+    return 0
+
+
+def _checkpoint_teacher_setup(args, config, robot):
+    """``(teacher, training data, student spec, saved config, teacher path)`` for a vdd_ros teacher checkpoint."""
+    teacher_path = _shipped_teacher(args.teacher)
     from vdd_ros.learn.checkpoint import CheckpointError, load_checkpoint
     from vdd_ros.learn.pipeline import field_columns, load_demonstrations, prepare_training_data
-    from vdd_ros.learn.vdd import distill
 
     teacher = load_checkpoint(teacher_path)
     if teacher.kind != "diffusion_teacher":
@@ -458,24 +616,7 @@ def run_distill(args) -> int:
         teacher.spec.model_info, teacher=os.path.basename(teacher_path)))
     saved = dict(config.to_dict(), teacher=teacher_path, dataset=dataset_path, episodes=episodes,
                  dataset_seed=dataset_seed)
-    print(f"vdd distill: writing {out}", flush=True)
-
-    def periodic(iteration, model, record):
-        every = config.checkpoint_every
-        if every and (iteration + 1) % every == 0 and iteration + 1 < config.iterations:
-            _save(out, model, "vdd_mixture", spec, saved, {"iteration": iteration})
-
-    started = time.perf_counter()
-    model = distill(teacher.model, training.observations, training.actions, config, progress=not args.quiet,
-                    callback=periodic)
-    seconds = time.perf_counter() - started
-    history = _jsonable(dict(getattr(model, "training_history", {}), wall_time_s=seconds))
-    _save(out, model, "vdd_mixture", spec, saved, history)
-    weights = history.get("mean_gating_weights", [])
-    _summary(out=out, teacher=teacher_path, states=len(training.observations), iterations=config.iterations,
-             dead_experts=len(history.get("dead_experts", [])),
-             gating_weights="[" + ",".join(f"{w:.3f}" for w in weights) + "]", seconds=round(seconds, 1))
-    return 0
+    return teacher.model, training, spec, saved, teacher_path
 
 
 # --- train-em ------------------------------------------------------------------------------
@@ -510,6 +651,10 @@ def run_eval(args) -> int:
                                                 ("em", args.em)) if path]
     if not chosen:
         raise ValueError("eval: expected at least one of --teacher, --student, --em, got none")
+    offline = getattr(args, "dataset", None)
+    rollouts = not offline or args.rollouts
+    if getattr(args, "rollouts", False) and not offline:
+        raise ValueError("--rollouts: expected --dataset too (without it eval runs the rollouts alone)")
     for name, value, low in (("--episodes", args.episodes, 1), ("--seed", args.seed, 0),
                              ("--timing-repeats", args.timing_repeats, 1),
                              ("--expert-episodes", args.expert_episodes, 0)):
@@ -519,8 +664,12 @@ def run_eval(args) -> int:
         raise ValueError(f"--n-steps: expected an integer >= 1, got {args.n_steps}")
     if args.execute_steps is not None and args.execute_steps < 1:
         raise ValueError(f"--execute-steps: expected an integer >= 1, got {args.execute_steps}")
-    if not args.plot.endswith(".png"):
+    if rollouts and not args.plot.endswith(".png"):
         raise ValueError(f"--plot: expected a path ending in .png, got '{args.plot}'")
+    if offline:
+        _offline_options(args)  # bad numbers fail before any model is loaded
+        if chosen == [("teacher", args.teacher)]:
+            raise ValueError("--dataset: expected a mixture to score (--student or --em), got only --teacher")
     _torch_setup()
     from vdd_ros.files import write_json
     from vdd_ros.learn.checkpoint import load_checkpoint
@@ -535,22 +684,77 @@ def run_eval(args) -> int:
             raise ValueError(f"--{label} {path}: expected a {' or '.join(expected_kind[label])} checkpoint, "
                              f"got {checkpoint.kind}")
         task = checkpoint.spec.task
-        if task not in TASKS:
-            raise ValueError(f"--{label} {path}: expected a model of a built-in task {sorted(TASKS)}, got '{task}'")
-        if loaded and task != loaded[0][2].spec.task:
+        if rollouts and task not in TASKS:
+            hint = " (for any task: --dataset held_out.npz without --rollouts)" if offline else \
+                " (for any task: --dataset held_out.npz, offline numbers on held-out demonstrations)"
+            raise ValueError(f"--{label} {path}: expected a model of a built-in task {sorted(TASKS)} for "
+                             f"rollouts, got '{task}'{hint}")
+        if rollouts and loaded and task != loaded[0][2].spec.task:
             raise ValueError(f"--{label} {path}: expected a model of task '{loaded[0][2].spec.task}' (as "
                              f"--{loaded[0][0]}), got '{task}'")
         loaded.append((label, path, checkpoint))
-    task = task_module(loaded[0][2].spec.task)
-    rows, results = evaluate_checkpoints(loaded, args)
-    print(format_table(rows, task.N_ROUTES))
-    write_json(args.json, {"task": task.TASK_NAME, "episodes": args.episodes, "seed": args.seed,
-                           "expert_episodes": args.expert_episodes, "models": rows})
-    # the run's settings go into each panel title (a figure title would overlap them)
-    task.plot_rollouts({f"{row['model']} ({row['kind']}, NFE {row['network_evaluations_per_action']}), "
-                        f"seed {args.seed}": result for row, result in zip(rows, results)}, args.plot, title="")
-    print(f"wrote {args.json} and {args.plot}")
+    report: dict = {}
+    rows: list[dict] = []
+    written = []
+    if rollouts:
+        task = task_module(loaded[0][2].spec.task)
+        rows, results = evaluate_checkpoints(loaded, args)
+        print(format_table(rows, task.N_ROUTES))
+        report.update({"task": task.TASK_NAME, "episodes": args.episodes, "seed": args.seed,
+                       "expert_episodes": args.expert_episodes, "models": rows})
+        # the run's settings go into each panel title (a figure title would overlap them)
+        task.plot_rollouts({f"{row['model']} ({row['kind']}, NFE {row['network_evaluations_per_action']}), "
+                            f"seed {args.seed}": result for row, result in zip(rows, results)}, args.plot, title="")
+        written.append(args.plot)
+    if offline:
+        result, plots = evaluate_offline_checkpoints(loaded, args)
+        from vdd_ros.learn.offline_eval import format_offline_table
+
+        if rows:
+            print()
+        print(format_offline_table(result, rows))
+        report["offline"] = dict(result.to_dict(), plots=plots)
+        written.extend(plots)
+    write_json(args.json, report)
+    print(f"wrote {args.json} and {', '.join(written)}")
     return 0
+
+
+def _offline_options(args):
+    from vdd_ros.learn.offline_eval import OfflineOptions
+
+    for name, value, low in (("--states", args.states, 1), ("--samples", args.samples, 2),
+                             ("--clusters", args.clusters, 1), ("--max-states", args.max_states, 1)):
+        if value < low:
+            raise ValueError(f"{name}: expected an integer >= {low}, got {value}")
+    if not 0.0 <= args.weight_threshold < 1.0:
+        raise ValueError(f"--weight-threshold: expected a number in [0, 1), got {args.weight_threshold}")
+    return OfflineOptions(n_states=args.states, n_samples=args.samples, n_clusters=args.clusters,
+                          weight_threshold=args.weight_threshold, max_states=args.max_states, seed=args.seed,
+                          teacher_steps=args.n_steps, progress=not args.quiet)
+
+
+def evaluate_offline_checkpoints(loaded, args):
+    """``vdd eval --dataset``: the offline numbers of ``loaded`` (``[(label, path, checkpoint)]``) on the
+    held-out demonstrations; ``(OfflineResult, written plot paths)``. Each checkpoint must fit the
+    dataset's interface (one error line naming each field with the model's and the dataset's value)."""
+    from vdd_ros.learn.offline_eval import check_dataset_fits, evaluate_offline, plot_clusters
+    from vdd_ros.tasks.registry import load_dataset
+
+    dataset = load_dataset(args.dataset)
+    for label, path, checkpoint in loaded:
+        check_dataset_fits(dataset.spec, checkpoint.spec, f"dataset {args.dataset}", f"--{label} {path}")
+    by_label = {label: (label, checkpoint) for label, _, checkpoint in loaded}
+    paths = {label: path for label, path, _ in loaded}
+    mixtures = [by_label[label] for label in ("student", "em") if label in by_label]
+    started = time.perf_counter()
+    result = evaluate_offline(dataset, mixtures, by_label.get("teacher"), _offline_options(args),
+                              dataset_name=f"dataset {args.dataset}")
+    result.summary["dataset"] = args.dataset
+    for row in result.rows:
+        row["checkpoint"] = str(paths[row["model"]])
+    result.summary["seconds"] = round(time.perf_counter() - started, 2)
+    return result, plot_clusters(result, args.offline_plots)
 
 
 def _rollout_row(result) -> dict:

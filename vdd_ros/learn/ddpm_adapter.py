@@ -5,9 +5,13 @@ Its score at step t is ``grad_x log p_t(x) = -eps(x, obs, t) / sqrt(1 - abar_t)`
 teacher at the student's clean samples as if they were noisy inputs; for a DDPM teacher the
 noise level is an integer step, drawn per row from ``[t_min, t_max]`` (small steps: the model
 is accurate off the data manifold but the target is barely blurred).
+
+The beta schedules (:func:`beta_schedule`: linear, scaled_linear, squaredcos_cap_v2, named as in diffusers) are
+shared with ``vdd_ros.learn.external_teacher``, which wraps DDPM files trained elsewhere.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -56,9 +60,40 @@ class DDPMTeacherAdapter:
 
 def linear_beta_schedule(n_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """``abar_t = prod_{s<=t} (1 - beta_s)`` for linearly spaced betas (Ho et al. 2020), ``[n_steps]``."""
+    return torch.cumprod(1.0 - beta_schedule("linear", n_steps, beta_start, beta_end), 0).to(torch.float32)
+
+
+# the names diffusers' DDPMScheduler(beta_schedule=...) uses, so a model trained there is described the same way
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def beta_schedule(name: str, n_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02,
+                  max_beta: float = 0.999) -> torch.Tensor:
+    """``beta_t`` for ``t = 0..n_steps-1`` (float64) of a named schedule.
+
+    - ``linear``: ``beta_start .. beta_end`` linearly spaced (Ho et al. 2020);
+    - ``scaled_linear``: ``sqrt(beta_start) .. sqrt(beta_end)`` linearly spaced, squared;
+    - ``squaredcos_cap_v2``: the cosine schedule of Nichol & Dhariwal (2021),
+      ``abar(u) = cos((u + 0.008) / 1.008 * pi / 2)^2`` and ``beta_t = min(1 - abar((t+1)/T) / abar(t/T), max_beta)``
+      (the betas ignore ``beta_start`` / ``beta_end``).
+    """
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps: expected an integer >= 1, got {n_steps!r}")
+    if name not in BETA_SCHEDULES:
+        raise ValueError(f"schedule: expected one of {list(BETA_SCHEDULES)}, got {name!r}")
+    if name == "squaredcos_cap_v2":
+        def abar(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return torch.tensor([min(1.0 - abar((t + 1) / n_steps) / abar(t / n_steps), max_beta)
+                             for t in range(n_steps)], dtype=torch.float64)
     if not 0 < beta_start <= beta_end < 1:
         raise ValueError(f"betas: expected 0 < beta_start <= beta_end < 1, got {beta_start!r}, {beta_end!r}")
-    betas = torch.linspace(beta_start, beta_end, n_steps, dtype=torch.float64)
-    return torch.cumprod(1.0 - betas, 0).to(torch.float32)
+    if name == "scaled_linear":
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n_steps, dtype=torch.float64) ** 2
+    return torch.linspace(beta_start, beta_end, n_steps, dtype=torch.float64)
+
+
+def alphas_cumprod(name: str, n_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """``abar_t = prod_{s<=t} (1 - beta_s)``, ``[n_steps]`` float64, of :func:`beta_schedule`."""
+    return torch.cumprod(1.0 - beta_schedule(name, n_steps, beta_start, beta_end), 0)
