@@ -174,10 +174,11 @@ def test_commands_stop_when_the_observation_publisher_dies_and_resume_when_it_re
         deadline = max_age + 1.0 / RATE_HZ + 0.1  # the data goes stale, the next tick sees it (+ DDS, stalls)
         assert all(t - died <= deadline for t, _ in after), \
             f"commands {[round(t - died, 3) for t, _ in after if t - died > deadline]} s after the publisher died"
-        holds = [c for _, c in after if np.allclose(c, last_state, atol=1e-12)]
-        if on_stale == "hold":  # the last command is the last measured position, once
-            np.testing.assert_allclose(after[-1][1], last_state, atol=1e-12)
-            assert len(holds) == 1, f"{len(holds)} hold commands"
+        if on_stale == "hold":  # the last command goes to the last measured position (within one step), once
+            _, _, step = spec_limits(arm_student)
+            previous = np.array(injector.commands[-2][1])
+            np.testing.assert_allclose(after[-1][1], previous + np.clip(last_state - previous, -step, step),
+                                       atol=1e-12)
         injector.start_publisher()
         injector.wait_until_matched()
         count = len(injector.commands)
@@ -310,7 +311,8 @@ def _broken_student(path, bias):
 def test_an_absurd_model_output_is_clipped_to_the_limits_and_the_step_limit(tmp_path, domain_id, injector):
     model = _broken_student(tmp_path / "offset.onnx", 100.0)  # +100 std: tens of radians past the limits
     lower, upper, step = spec_limits(model)
-    node = running(tmp_path, domain_id, injector, model=str(model))
+    # (the OOD guard off: the arm driven to its limits leaves the demonstrations' envelope, and would hold)
+    node = running(tmp_path, domain_id, injector, model=str(model), ood_threshold=0.0)
     try:
         injector.spin(3.0, follow=True)
         commands = np.array([c for _, c in injector.commands])
@@ -375,8 +377,9 @@ def test_an_observation_far_outside_the_training_data_holds_until_it_returns(tmp
         injector.spin(0.8)
         late = [c for t, c in injector.commands[count:] if t - moved > 0.05]
         assert len(late) <= 1, f"{len(late)} commands while the observation was out of distribution"
-        if late:  # the hold: the measured position
-            np.testing.assert_allclose(late[0], injector.q, atol=1e-12)
+        if late:  # the hold: toward the measured position, within the step limit
+            _, _, step = spec_limits(arm_student)
+            assert np.all(np.abs(np.array(late[0]) - injector.commands[count - 1][1]) <= step + 1e-9)
         diagnostics = injector.latest_diagnostics()
         assert int(diagnostics["ood_holds"]) >= 1 and float(diagnostics["ood_distance"]) > 3.0, diagnostics
         assert "outside the training data" in diagnostics["_message"]

@@ -159,8 +159,13 @@ def test_no_sequence_of_events_breaks_the_limits_the_step_limit_or_the_latch(sta
             else:
                 enabled = False
         elif kind == "hold":
-            safety.hold(np.array(item[1]))
-            reference = np.array(item[1])
+            measured = np.array(item[1])
+            out = safety.hold(measured)
+            if reference is not None:  # toward the measured position, one step at most from the previous command
+                np.testing.assert_allclose(out, reference + np.clip(measured - reference, -STEP, STEP))
+            else:
+                np.testing.assert_array_equal(out, measured)
+            reference = out
         else:
             measured = np.array(item[2])
             targets = np.array(item[1], dtype=np.float64).reshape(-1, 3)

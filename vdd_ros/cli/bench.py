@@ -20,7 +20,7 @@ ROUNDS = 20  # the calls of each model are spread over this many interleaved rou
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (runtime latency, policy node rate)",
+    parser = subparsers.add_parser("bench", help="benchmarks (runtime latency, policy node rate, soak)",
                                    description="Benchmarks of vdd_ros components.")
     benches = parser.add_subparsers(dest="bench", metavar="BENCH")
     benches.required = True
@@ -62,6 +62,13 @@ def register(subparsers) -> None:
                               description=node_bench.__doc__)
     node_bench.add_arguments(node)
     node.set_defaults(func=node_bench.run)
+
+    from vdd_ros.ros import soak
+
+    soak_parser = benches.add_parser("soak", help="the policy node for minutes at a high rate (memory, misses, "
+                                     "shared-memory files)", description=soak.__doc__)
+    soak.add_arguments(soak_parser)
+    soak_parser.set_defaults(func=soak.run)
 
 
 def _parse_steps(text: str) -> list[int]:

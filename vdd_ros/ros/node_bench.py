@@ -144,7 +144,8 @@ def run(args) -> int:
     overrides = [Parameter("model", value=str(model)), Parameter("control_rate_hz", value=float(args.rate)),
                  Parameter("allow_rate_override", value=True), Parameter("replan_every", value=args.replan_every),
                  Parameter("device", value=args.device), Parameter("max_observation_age_s", value=0.5),
-                 Parameter("lock_memory", value=bool(args.lock_memory))]
+                 Parameter("lock_memory", value=bool(args.lock_memory)),
+                 Parameter("start_enabled", value=True)]  # against the simulated arm
     node = PolicyNode("bench_policy", stats_window=None, context=context, parameter_overrides=overrides)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)

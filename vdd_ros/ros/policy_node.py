@@ -52,6 +52,7 @@ OUTPUTS = ("commands", "joint_trajectory")
 EXPERT_SELECTIONS = ("sample", "greedy")
 DEVICES = ("auto", "cpu", "cuda")
 ON_STALE = ("hold", "stop")
+DEADLINE_SHARE = 0.1  # max_deadline_misses 0: this share of the ticks in deadline_window_s
 OOD_THRESHOLD = 3.0  # std beyond the training range; docs/safety.md: what normal runs reach
 WARN_PERIOD_S = 2.0
 # a tick later than this many periods after the previous one counts as a deadline miss
@@ -133,10 +134,10 @@ PARAMETERS = {
     "max_consecutive_faults": (3, parameter_descriptor(ParameterType.PARAMETER_INTEGER,
                                               "Non-finite model outputs in a row that disable commanding "
                                               "(latched until ~/enable true).", int_range=(1, 1000000))),
-    "max_deadline_misses": (10, parameter_descriptor(ParameterType.PARAMETER_INTEGER,
-                                            "More late ticks than this within deadline_window_s: hold (no "
-                                            "commands) until they drop below it; 0 = never hold.",
-                                            int_range=(0, 1000000))),
+    "max_deadline_misses": (0, parameter_descriptor(ParameterType.PARAMETER_INTEGER,
+                                           "More late ticks than this within deadline_window_s: hold (no "
+                                           "commands) until they drop below it; 0 = a tenth of the window's ticks "
+                                           "(at least 3); -1 = never hold.", int_range=(-1, 1000000))),
     "deadline_window_s": (1.0, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
                                            "Window of max_deadline_misses.", float_range=(0.001, 3600.0))),
     "ood_threshold": (OOD_THRESHOLD, parameter_descriptor(
@@ -264,8 +265,11 @@ class PolicyNode(LifecycleNode):
         self.rng = np.random.default_rng(int(self._param("seed")))
         try:
             safety = self._make_safety(spec)
-            watchdog = DeadlineWatchdog(int(self._param("max_deadline_misses")),
-                                        float(self._param("deadline_window_s")))
+            window = float(self._param("deadline_window_s"))
+            misses = int(self._param("max_deadline_misses"))
+            if misses == 0:
+                misses = max(3, int(DEADLINE_SHARE * self.rate_hz * window))
+            watchdog = DeadlineWatchdog(max(misses, 0), window)
         except SafetyError as err:
             self.policy = None
             self.get_logger().error(f"safety parameters: {err}")
@@ -284,7 +288,9 @@ class PolicyNode(LifecycleNode):
             f"{policy.provider}), joints {list(spec.joint_names)}, {self.rate_hz:g} Hz, history {spec.history}, "
             f"horizon {spec.action_horizon}, replan every {replan_every} ticks, output '{self.output}'; "
             f"max_joint_step {np.round(safety.max_step, 4).tolist()} rad, limits {np.round(safety.lower, 3).tolist()}"
-            f"..{np.round(safety.upper, 3).tolist()}, ood_threshold {self.ood_threshold:g} std beyond "
+            f"..{np.round(safety.upper, 3).tolist()}, deadline hold "
+            f"{f'past {watchdog.max_misses} misses in {watchdog.window_s:g} s' if watchdog.max_misses else 'off'}, "
+            f"ood_threshold {self.ood_threshold:g} std beyond "
             f"{envelope_source}, {safety.state}")
         return TransitionCallbackReturn.SUCCESS
 
@@ -603,14 +609,13 @@ class PolicyNode(LifecycleNode):
         self.watchdog.miss(now)
 
     def _hold_once(self, reason: str, publish: bool) -> None:
-        """Stale data or too many deadline misses: command the measured position once (``publish``), then
-        nothing until the cause is gone; the next command ramps from the measured position."""
+        """Stale data, too many deadline misses, an OOD observation: command the measured position once
+        (``publish``; within the step limit), then nothing until the cause is gone."""
         if self._holding != reason:
             self._holding = reason
             self.chunk.clear()
             if publish and self.safety.enabled:
                 self._publish_hold()
-            self.safety.restart_ramp()
 
     def _report_catch_up(self) -> None:
         if self.safety.caught_up and not self._reported_catch_up:
@@ -657,10 +662,11 @@ class PolicyNode(LifecycleNode):
         self.command_pub.publish(msg)
 
     def _publish_hold(self) -> None:
-        """On deactivate: command the last measured position so the arm stops where it is."""
+        """Deactivate, stale data, watchdog, OOD: command the last measured position so the arm stops where it
+        is (reached from the previous command within max_joint_step: ``SafetyLayer.hold``)."""
         if self.policy is None:
             return
-        q = self.assembler.joint_positions()
+        q = self.safety.hold(self.assembler.joint_positions())
         if q is None:
             return
         if self.output == "commands":
@@ -673,7 +679,6 @@ class PolicyNode(LifecycleNode):
             msg.header.stamp = self.get_clock().now().to_msg()
         # lifecycle publishers are still enabled here: super().on_deactivate disables them afterwards
         self.command_pub.publish(msg)
-        self.safety.hold(q)
 
     # --- diagnostics -----------------------------------------------------------------
     def _publish_diagnostics(self) -> None:

@@ -59,6 +59,7 @@ class SafetyLayer:
         if int(max_consecutive_faults) < 1:
             raise SafetyError(f"max_consecutive_faults: expected >= 1, got {max_consecutive_faults}")
         self.max_consecutive_faults = int(max_consecutive_faults)
+        self._neg_step = -self.max_step
         self.enabled = bool(start_enabled)
         self.estop_active = False
         self.latched = ""  # why commanding stays off until enable(True): REASON_ESTOP or REASON_FAULTS
@@ -120,12 +121,13 @@ class SafetyLayer:
                                     "(max_consecutive_faults): call ~/enable with true")
 
     def _step(self, target: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, bool]:
-        inside = np.clip(target, self.lower, self.upper)
-        if np.any(inside != target):
+        # (minimum/maximum rather than np.clip: a third of the cost on a handful of joints, every tick)
+        inside = np.minimum(np.maximum(target, self.lower), self.upper)
+        if not np.array_equal(inside, target):
             self.limit_clips += 1
         step = inside - reference
-        limited = np.clip(step, -self.max_step, self.max_step)
-        clipped = bool(np.any(limited != step))
+        limited = np.minimum(np.maximum(step, self._neg_step), self.max_step)
+        clipped = not np.array_equal(limited, step)
         if clipped:
             self.step_clips += 1
         return reference + limited, clipped
@@ -174,9 +176,20 @@ class SafetyLayer:
         self.previous = points[-1].copy()
         return points
 
-    def hold(self, measured) -> None:
-        """The node commanded the measured position (hold): the next command ramps from there."""
-        self.previous = None if measured is None else np.asarray(measured, dtype=np.float64).copy()
+    def hold(self, measured) -> np.ndarray | None:
+        """The command that stops the arm (stale data, watchdog, deactivate): the measured position, reached
+        from the previous command by at most ``max_step`` (the measured position itself when there is no
+        previous command); the next command ramps from it. None without a measured position."""
+        if measured is None:
+            return None
+        measured = np.asarray(measured, dtype=np.float64)
+        if self.previous is None:
+            command = measured.copy()
+        else:
+            step = measured - self.previous
+            command = self.previous + np.minimum(np.maximum(step, self._neg_step), self.max_step)
+        self.previous = command
+        return command
 
 
 class DeadlineWatchdog:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import faulthandler
+import gc
 import math
 import os
 import signal
@@ -12,6 +13,7 @@ import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy_impl
+from rclpy.utilities import get_default_context
 
 
 class ThrottledWarnings:
@@ -67,6 +69,11 @@ def run_node(node_class, node_name: str, args=None) -> int:
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
+    # the DDS participant goes with the context (its /dev/shm files too) once nothing holds it: destroyed
+    # here, not left to a finalisation that os._exit skips
+    del node, executor
+    gc.collect()
+    get_default_context().destroy()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
