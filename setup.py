@@ -49,6 +49,7 @@ setup(
             "vdd = vdd_ros.cli.main:main",
             "policy_node = vdd_ros.ros.policy_node:main",
             "arm_sim_node = vdd_ros.ros.arm_sim_node:main",
+            "latency_bench = vdd_ros.cli.bench:latency_bench_main",
         ],
     },
 )

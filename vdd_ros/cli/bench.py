@@ -63,6 +63,31 @@ def register(subparsers) -> None:
     node_bench.add_arguments(node)
     node.set_defaults(func=node_bench.run)
 
+    from vdd_ros.ros import latency_bench
+
+    ros = benches.add_parser("ros", help="end-to-end latency over ROS 2 at control rates, student vs teacher",
+                             description=latency_bench.__doc__)
+    ros.add_argument("--student", default=None, help="student .onnx (default: the shipped models/student.onnx)")
+    ros.add_argument("--teacher-checkpoint", default=None,
+                     help="teacher checkpoint exported at each --steps (default: models/teacher.pt when torch is "
+                     "installed)")
+    ros.add_argument("--teacher", action="append", default=[],
+                     help="exported teacher sampler .onnx to include as is (repeatable; default without a checkpoint: "
+                     "the shipped models/teacher.onnx)")
+    ros.add_argument("--steps", default="4,8,16,32", help="teacher step counts (default: 4,8,16,32)")
+    ros.add_argument("--rates", default="50,100,250,500,1000", help="control rates in Hz (default: %(default)s)")
+    ros.add_argument("--triggers", default="timer,observation",
+                     help="comma-separated: timer, observation (default: %(default)s)")
+    ros.add_argument("--duration", type=float, default=30.0, help="measured seconds per cell (default: 30)")
+    ros.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring each cell (default: 2)")
+    ros.add_argument("--quick", action="store_true",
+                     help="smoke run: the student and the 16-step teacher, 100 and 1000 Hz, observation trigger, 3 s")
+    ros.add_argument("--no-floor", action="store_true", help="skip the bare-rclpy DDS floor")
+    ros.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: the environment's, else 44)")
+    ros.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ros.add_argument("--plot", default="bench_ros.png", help="latency CDFs and achieved rates (PNG; '' = none)")
+    ros.set_defaults(func=run_ros)
+
     from vdd_ros.ros import soak
 
     soak_parser = benches.add_parser("soak", help="the policy node for minutes at a high rate (memory, misses, "
@@ -272,3 +297,57 @@ def run_runtime(args) -> int:
         plot(latencies, args.plot, f"vdd_ros runtime latency ({setup})\n{machine_line(machine)}")
         print(f"wrote {args.plot}")
     return 0
+
+
+def run_ros(args) -> int:
+    from vdd_ros.cli.main import UserError
+    from vdd_ros.paths import model_file
+    from vdd_ros.ros import latency_bench
+    from vdd_ros.runtime import load_policy
+
+    if args.quick:
+        args.steps, args.rates, args.triggers, args.duration = "16", "100,1000", "observation", 3.0
+    steps = _parse_steps(args.steps)
+    rates = latency_bench.parse_list("--rates", args.rates)
+    triggers = [t.strip() for t in args.triggers.split(",") if t.strip()]
+    if not triggers or set(triggers) - {"timer", "observation"}:
+        raise UserError(f"--triggers: expected timer and/or observation, got '{args.triggers}'")
+    if args.duration <= 0 or args.warmup < 0:
+        raise UserError(f"--duration must be > 0 and --warmup >= 0, got {args.duration} and {args.warmup}")
+    machine = describe_machine()
+    student = Path(args.student) if args.student else model_file("student.onnx")
+    if not student.is_file():
+        raise FileNotFoundError(f"student {student}: no such file")
+    checkpoint = Path(args.teacher_checkpoint) if args.teacher_checkpoint else model_file("teacher.pt")
+    use_checkpoint = checkpoint.is_file() and not args.teacher and importlib.util.find_spec("torch") is not None
+    domain = args.domain_id if args.domain_id is not None else int(os.environ.get("ROS_DOMAIN_ID", "44"))
+    with tempfile.TemporaryDirectory(prefix="vdd_bench_ros_") as folder:
+        if use_checkpoint:
+            pool = multiprocessing.get_context("spawn").Pool(1)  # this process stays torch-free
+            try:
+                teachers = pool.apply(_export_teachers, (checkpoint, steps, Path(folder)))
+            finally:
+                pool.close()
+                pool.join()
+        else:
+            teachers = [Path(p) for p in args.teacher] or [model_file("teacher.onnx")]
+        models = {"student": student}
+        for path in teachers:
+            policy = load_policy(path)
+            models[f"teacher {policy.network_evaluations}-step"] = path
+        print(f"vdd bench ros: {list(models)} at {rates} Hz, triggers {triggers}, {args.duration:g} s per cell\n"
+              f"{machine_line(machine)}", flush=True)
+        result = latency_bench.run_sweep(models, rates, triggers, args.duration, args.warmup, domain,
+                                         floor=not args.no_floor)
+    result["machine"] = machine
+    latency_bench.report(result, machine_line(machine), args.json, args.plot)
+    return 0
+
+
+def latency_bench_main(argv=None) -> int:
+    """``ros2 run vdd_ros latency_bench [options]``: the same as ``vdd bench ros``."""
+    import sys
+
+    from vdd_ros.cli.main import main
+
+    return main(["bench", "ros", *(sys.argv[1:] if argv is None else argv)])

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from vdd_ros.validation import check_choice, check_int
 
-NODE_MODULES = {"policy_node": "vdd_ros.ros.policy_node", "arm_sim_node": "vdd_ros.ros.arm_sim_node"}
+NODE_MODULES = {"policy_node": "vdd_ros.ros.policy_node", "arm_sim_node": "vdd_ros.ros.arm_sim_node",
+                "latency_echo": "vdd_ros.ros.latency_echo"}
 
 
 def ros_environment(domain_id: int, base: dict | None = None) -> dict:
