@@ -56,3 +56,26 @@ def test_a_short_sweep_over_real_dds_writes_table_json_and_plot(tmp_path, domain
     teacher = next(c for c in result["cells"] if c["model"] == "teacher 16-step" and c["trigger"] == "observation")
     assert teacher["inference_p50_ms"] > student["inference_p50_ms"]
     assert "highest sustained rate" in run.stdout and (tmp_path / "ros.png").stat().st_size > 10000
+
+
+@pytest.mark.slow
+def test_attach_measures_a_node_that_is_already_running(tmp_path, domain_id):
+    pytest.importorskip("rclpy")
+    from vdd_ros.paths import config_file
+    from vdd_ros.ros.processes import NodeProcess, ros_environment
+
+    env = ros_environment(domain_id)
+    sim = NodeProcess("arm_sim_node", tmp_path / "sim.log", env, params_files=[config_file("arm_sim.yaml")])
+    policy = NodeProcess("policy_node", tmp_path / "policy.log", env, params_files=[config_file("policy.yaml")])
+    try:
+        assert policy.wait_for_log("active: commanding", timeout=60), policy.log()
+        run = subprocess.run([sys.executable, "-m", "vdd_ros.cli.main", "bench", "ros", "--attach", "/policy_node",
+                              "--duration", "3", "--json", str(tmp_path / "a.json"), "--plot", ""],
+                             env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        codes = [policy.stop(), sim.stop()]
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    cell = json.loads((tmp_path / "a.json").read_text())["cells"][0]
+    assert 10 <= cell["achieved_hz"] <= 30 and cell["commands"] >= 30  # the node's 20 Hz
+    assert 0 < cell["p50_ms"] < 60 and cell["inference_p50_ms"] > 0
+    assert codes == [0, 0]

@@ -83,6 +83,9 @@ def register(subparsers) -> None:
     ros.add_argument("--quick", action="store_true",
                      help="smoke run: the student and the 16-step teacher, 100 and 1000 Hz, observation trigger, 3 s")
     ros.add_argument("--no-floor", action="store_true", help="skip the bare-rclpy DDS floor")
+    ros.add_argument("--attach", default=None, metavar="NODE",
+                     help="measure this already running policy node (e.g. /arm/student_policy) for --duration s "
+                     "instead of starting any: latency from its joint_states stamps to its commands")
     ros.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: the environment's, else 44)")
     ros.add_argument("--json", default=None, help="also write the results to this JSON file")
     ros.add_argument("--plot", default="bench_ros.png", help="latency CDFs and achieved rates (PNG; '' = none)")
@@ -315,12 +318,17 @@ def run_ros(args) -> int:
     if args.duration <= 0 or args.warmup < 0:
         raise UserError(f"--duration must be > 0 and --warmup >= 0, got {args.duration} and {args.warmup}")
     machine = describe_machine()
+    domain = args.domain_id if args.domain_id is not None else int(os.environ.get("ROS_DOMAIN_ID", "44"))
+    if args.attach:
+        result = latency_bench.attach(domain, args.duration, args.attach)
+        result["machine"] = machine
+        latency_bench.report(result, machine_line(machine), args.json, args.plot)
+        return 0
     student = Path(args.student) if args.student else model_file("student.onnx")
     if not student.is_file():
         raise FileNotFoundError(f"student {student}: no such file")
     checkpoint = Path(args.teacher_checkpoint) if args.teacher_checkpoint else model_file("teacher.pt")
     use_checkpoint = checkpoint.is_file() and not args.teacher and importlib.util.find_spec("torch") is not None
-    domain = args.domain_id if args.domain_id is not None else int(os.environ.get("ROS_DOMAIN_ID", "44"))
     with tempfile.TemporaryDirectory(prefix="vdd_bench_ros_") as folder:
         if use_checkpoint:
             pool = multiprocessing.get_context("spawn").Pool(1)  # this process stays torch-free

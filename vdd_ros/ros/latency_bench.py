@@ -161,6 +161,62 @@ def sustained_rate(cells: list[dict]) -> float | None:
     return max(ok) if ok else None
 
 
+def attach(domain_id: int, seconds: float, node_name: str, progress=print) -> dict:
+    """Measure a policy node that is already running (on a robot): nothing is started or published here. The
+    latency of each command is its arrival (this machine's clock) minus the header stamp of the newest
+    ``joint_states`` message received before it, so the stamping machine's clock must agree with this one."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Float64, Float64MultiArray
+
+    context = Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    node = Node("latency_bench_attach", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    stamps: list[float] = []
+    latencies: list[float] = []
+    inference: list[float] = []
+
+    def on_state(msg):
+        stamps.append(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
+
+    def on_command(_msg):
+        if stamps:
+            latencies.append(time.time() - stamps[-1])
+
+    node.create_subscription(JointState, "joint_states", on_state, qos_profile_sensor_data)
+    node.create_subscription(Float64MultiArray, "commands", on_command, 1000)
+    node.create_subscription(Float64, f"{node_name}/inference_time", lambda m: inference.append(m.data), 1000)
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.05)
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+    if not latencies:
+        raise RuntimeError(f"no command on 'commands' within {seconds:g} s (is {node_name} active and enabled, and "
+                           "ROS_DOMAIN_ID / ROS_AUTOMATIC_DISCOVERY_RANGE set to reach it?)")
+    lat = np.asarray(latencies) * 1e3
+    inf = np.asarray(inference) * 1e3
+    cell = {"model": f"attached {node_name}", "trigger": "as running", "rate_hz": len(lat) / seconds,
+            "commands": int(lat.size), "observations": len(stamps), "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()), "misses": 0, "miss_share": 0.0,
+            "dropped": 0, "achieved_hz": len(lat) / seconds,
+            "inference_p50_ms": float(np.percentile(inf, 50)) if inf.size else None,
+            "inference_p99_ms": float(np.percentile(inf, 99)) if inf.size else None, "cpu_percent": 0.0,
+            "latencies_ms": lat.round(4).tolist()}
+    progress(f"  {cell['model']}: p50 {_ms(cell['p50_ms'])} p99 {_ms(cell['p99_ms'])} ms, "
+             f"{cell['achieved_hz']:.0f} Hz")
+    return {"cells": [cell], "sustained_hz": {}, "seconds": seconds, "warmup": 0.0, "logs": ""}
+
+
 def _start(executable: str, log_dir: Path, env: dict, model: Path | None, rate: float, trigger: str):
     from vdd_ros.paths import config_file
     from vdd_ros.ros.processes import NodeProcess
