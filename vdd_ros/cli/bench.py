@@ -83,6 +83,8 @@ def register(subparsers) -> None:
     ros.add_argument("--quick", action="store_true",
                      help="smoke run: the student and the 16-step teacher, 100 and 1000 Hz, observation trigger, 3 s")
     ros.add_argument("--no-floor", action="store_true", help="skip the bare-rclpy DDS floor")
+    ros.add_argument("--executor", default="events", choices=("single_threaded", "events"),
+                     help="the rclpy executor of the policy node and the echo (default: %(default)s, the node's)")
     ros.add_argument("--attach", default=None, metavar="NODE",
                      help="measure this already running policy node (e.g. /arm/student_policy) for --duration s "
                      "instead of starting any: latency from its joint_states stamps to its commands")
@@ -346,7 +348,7 @@ def run_ros(args) -> int:
         print(f"vdd bench ros: {list(models)} at {rates} Hz, triggers {triggers}, {args.duration:g} s per cell\n"
               f"{machine_line(machine)}", flush=True)
         result = latency_bench.run_sweep(models, rates, triggers, args.duration, args.warmup, domain,
-                                         floor=not args.no_floor)
+                                         floor=not args.no_floor, executor=args.executor)
     result["machine"] = machine
     latency_bench.report(result, machine_line(machine), args.json, args.plot)
     return 0

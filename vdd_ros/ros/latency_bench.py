@@ -217,21 +217,23 @@ def attach(domain_id: int, seconds: float, node_name: str, progress=print) -> di
     return {"cells": [cell], "sustained_hz": {}, "seconds": seconds, "warmup": 0.0, "logs": ""}
 
 
-def _start(executable: str, log_dir: Path, env: dict, model: Path | None, rate: float, trigger: str):
+def _start(executable: str, log_dir: Path, env: dict, model: Path | None, rate: float, trigger: str,
+           executor: str = "single_threaded"):
     from vdd_ros.paths import config_file
     from vdd_ros.ros.processes import NodeProcess
 
     if executable == "latency_echo":
-        return NodeProcess("latency_echo", log_dir / "latency_echo.log", env, node_name="bench_policy")
+        return NodeProcess("latency_echo", log_dir / "latency_echo.log", env, node_name="bench_policy",
+                           parameters={"executor": executor})
     return NodeProcess("policy_node", log_dir / f"{model.stem}_{rate:g}_{trigger}.log", env,
                        params_files=[config_file("policy.yaml")], node_name="bench_policy",
                        parameters={"model": str(model), "control_rate_hz": float(rate), "allow_rate_override": True,
                                    "trigger": trigger, "replan_every": 1, "max_deadline_misses": -1,
-                                   "ood_threshold": 0.0})
+                                   "ood_threshold": 0.0, "executor": executor})
 
 
 def run_sweep(models: dict[str, Path], rates: list[float], triggers: list[str], seconds: float, warmup: float,
-              domain_id: int, floor: bool = True, progress=print) -> dict:
+              domain_id: int, floor: bool = True, progress=print, executor: str = "single_threaded") -> dict:
     """Every (model, trigger, rate) cell, plus the DDS floor at each rate; returns the results dict."""
     from vdd_ros.ros.processes import ros_environment
     from vdd_ros.runtime import load_policy
@@ -248,7 +250,7 @@ def run_sweep(models: dict[str, Path], rates: list[float], triggers: list[str], 
     try:
         for label, executable, path, trigger in plan:
             for rate in rates:
-                proc = _start(executable, log_dir, env, path, rate, trigger)
+                proc = _start(executable, log_dir, env, path, rate, trigger, executor)
                 try:
                     if executable == "policy_node" and not proc.wait_for_log("active: commanding", timeout=120):
                         raise RuntimeError(f"policy_node did not become active:\n{proc.log()[-2000:]}")
@@ -275,7 +277,8 @@ def run_sweep(models: dict[str, Path], rates: list[float], triggers: list[str], 
     for label, _, _, trigger in plan:
         group = [c for c in cells if c["model"] == label and c["trigger"] == trigger]
         sustained[f"{label} / {trigger}"] = sustained_rate(group)
-    return {"cells": cells, "sustained_hz": sustained, "seconds": seconds, "warmup": warmup, "logs": str(log_dir)}
+    return {"cells": cells, "sustained_hz": sustained, "seconds": seconds, "warmup": warmup, "executor": executor,
+            "logs": str(log_dir)}
 
 
 def _ms(value) -> str:

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import sys
 
+from rcl_interfaces.msg import ParameterType
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 
-from vdd_ros.ros.spin import run_node
+from vdd_ros.ros.spin import EXECUTORS, parameter_descriptor, run_node
 
 
 class LatencyEcho(Node):
     def __init__(self, node_name: str = "latency_echo"):
         super().__init__(node_name)
+        self.declare_parameter("executor", "single_threaded", parameter_descriptor(
+            ParameterType.PARAMETER_STRING, "The rclpy executor the process spins.", choices=EXECUTORS))
+        self.executor_kind = self.get_parameter("executor").value
         self._pub = self.create_publisher(Float64MultiArray, "commands", 10)
         self._msg = Float64MultiArray()
         self.create_subscription(JointState, "joint_states", self._on_joint_state, qos_profile_sensor_data)

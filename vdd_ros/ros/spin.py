@@ -53,12 +53,16 @@ def run_node(node_class, node_name: str, args=None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     rclpy.init(args=args)
     node = node_class(node_name)
-    executor = SingleThreadedExecutor()
+    executor = make_executor(getattr(node, "executor_kind", "single_threaded"))
     executor.add_node(node)
     try:
         if hasattr(node, "start"):
             node.start()
-        executor.spin()
+        if isinstance(executor, SingleThreadedExecutor):
+            executor.spin()
+        else:  # the EventsExecutor's spin() does not return when the signal shuts the context down
+            while rclpy.ok():
+                executor.spin_once(timeout_sec=0.1)
     except ExternalShutdownException:
         pass
     except _rclpy_impl.RCLError:
@@ -77,6 +81,20 @@ def run_node(node_class, node_name: str, args=None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+EXECUTORS = ("single_threaded", "events")
+
+
+def make_executor(kind: str):
+    """``single_threaded``: rclpy's SingleThreadedExecutor; ``events``: rclpy's EventsExecutor (C++ event queue,
+    rclpy.experimental), which wakes on each message without rebuilding a wait set."""
+    if kind == "events":
+        from rclpy.experimental import EventsExecutor
+        return EventsExecutor()
+    if kind != "single_threaded":
+        raise ValueError(f"executor: expected one of {list(EXECUTORS)}, got '{kind}'")
+    return SingleThreadedExecutor()
 
 
 def parameter_descriptor(kind: int, description: str, *, choices=None, float_range=None,
