@@ -188,3 +188,78 @@ class DemoDataset:
                                episode_ends=arrays["episode_ends"], spec=spec, routes=arrays["routes"], task=task)
         except DatasetError as err:
             raise DatasetError(err.field_name, err.expected, err.actual, where=f"dataset {path}") from None
+
+
+# --- action kinds -------------------------------------------------------------------------
+def position_columns(spec: ModelSpec) -> list[int] | None:
+    """Columns of a frame holding the measured position of every spec joint (spec order): the first
+    ``joint_position`` field that covers them all, or None."""
+    offset = 0
+    for obs_field in spec.observation_fields:
+        joints = tuple(obs_field.joints) or tuple(spec.joint_names)
+        if obs_field.kind == "joint_position" and set(spec.joint_names) <= set(joints):
+            return [offset + joints.index(name) for name in spec.joint_names]
+        offset += obs_field.size
+    return None
+
+
+def convert_action_kind(dataset: DemoDataset, kind: str) -> DemoDataset:
+    """A ``joint_position`` dataset (actions: commanded position targets ``a_t``) with its actions as ``kind``:
+
+    - ``joint_delta``: ``a_t - q_t``, the target as an increment from the measured position ``q_t`` of the
+      same step (``prepare_training_data`` turns the later actions of a chunk into increments from the
+      previous target, as the policy node integrates them, so a chunk integrated from ``q_t`` gives back
+      ``a_t, a_t+1, ...``);
+    - ``joint_velocity``: the demonstrator's own velocity over the step, ``(q_t+1 - q_t) * control_rate_hz``
+      (the last step of an episode repeats the one before; 0 for a one-step episode), clipped to the spec's
+      joint velocity limits: held for one control period by a velocity interface it reproduces the recorded
+      positions;
+    - ``joint_position``: the dataset itself.
+
+    The observations, episodes and routes stay; the spec's ``action_kind`` becomes ``kind``. Raises
+    ValueError for another source kind, an unknown ``kind`` or frames without the joints' positions."""
+    from vdd_ros.spec import ACTION_KINDS
+
+    spec = dataset.spec
+    if kind not in ACTION_KINDS:
+        raise ValueError(f"action kind: expected one of {list(ACTION_KINDS)}, got {kind!r}")
+    if spec.action_kind != "joint_position":
+        raise ValueError(f"convert_action_kind: expected a joint_position dataset, got {spec.action_kind!r}")
+    if kind == "joint_position":
+        return dataset
+    columns = position_columns(spec)
+    if columns is None:
+        raise ValueError(f"convert_action_kind: the observation fields {[f.name for f in spec.observation_fields]} "
+                         f"hold no joint_position field with all of {list(spec.joint_names)}")
+    q = dataset.observations[:, columns]
+    if kind == "joint_delta":
+        actions = dataset.actions - q
+    else:
+        actions = np.zeros_like(q)
+        for start, end in zip(dataset.episode_starts, dataset.episode_ends):
+            if end - start < 2:
+                continue
+            actions[start:end - 1] = np.diff(q[start:end], axis=0) * spec.control_rate_hz
+            actions[end - 1] = actions[end - 2]
+        limits = np.asarray(spec.joint_velocity_limits, dtype=np.float64)
+        actions = np.clip(actions, -limits, limits)
+    return DemoDataset(observations=dataset.observations, actions=actions, episode_ends=dataset.episode_ends,
+                       spec=spec.replace(action_kind=kind), routes=dataset.routes, task=dataset.task)
+
+
+def action_chunks(dataset: DemoDataset, act_idx: np.ndarray) -> np.ndarray:
+    """The training chunks ``[N, horizon, J]`` for action row indices ``act_idx`` ``[N, horizon]``
+    (``window_indices``). For ``joint_delta`` (and frames holding the joints' positions) the first action
+    is the step's own (the increment from the measured position) and each later one is the increment of the
+    target ``q + delta`` from the previous step's target: what the policy node integrates. Else the actions."""
+    if dataset.spec.action_kind != "joint_delta":
+        return dataset.actions[act_idx]
+    columns = position_columns(dataset.spec)
+    if columns is None:
+        return dataset.actions[act_idx]
+    targets = dataset.observations[:, columns] + dataset.actions
+    chunks = np.empty(act_idx.shape + (dataset.actions.shape[1],), dtype=np.float64)
+    chunks[:, 0] = dataset.actions[act_idx[:, 0]]
+    # after an episode's end the index repeats: an increment of 0 holds its last target
+    chunks[:, 1:] = targets[act_idx[:, 1:]] - targets[act_idx[:, :-1]]
+    return chunks

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vdd_ros.data.dataset import DemoDataset
+from vdd_ros.data.dataset import DemoDataset, action_chunks
 from vdd_ros.spec import ModelSpec, Normalization
 
 
@@ -111,12 +111,18 @@ def prepare_training_data(dataset: DemoDataset, history: int, horizon: int, mode
     """Windows of the dataset, normalised (fitted here unless ``normalization`` is given) and flattened.
 
     ``observation_fields`` picks the frame fields the model reads (empty: all); the spec lists only those.
+    ``joint_delta`` datasets get chunks of increments as the policy node integrates them (``action_chunks``);
+    ``vdd_ros.data.dataset.convert_action_kind`` makes delta and velocity datasets from position ones.
     """
     fields, columns = field_columns(dataset.spec.observation_fields, observation_fields)
-    obs_windows, act_chunks = dataset.windows(history, horizon)
-    obs_windows = obs_windows[..., columns]
+    obs_idx, act_idx = dataset.window_indices(history, horizon)
+    obs_windows = dataset.observations[obs_idx][..., columns]
+    act_chunks = action_chunks(dataset, act_idx)
     if normalization is None:
-        fitted = Normalization.fit(dataset.observations[:, columns], dataset.actions)
+        # joint_delta: the statistics of the chunks' increments (a chunk's first one and the later ones differ)
+        actions = act_chunks.reshape(-1, act_chunks.shape[-1]) if dataset.spec.action_kind == "joint_delta" \
+            else dataset.actions
+        fitted = Normalization.fit(dataset.observations[:, columns], actions)
         normalization = Normalization(*(tuple(float(v) for v in values) for values in
                                         (fitted.obs_mean, fitted.obs_std, fitted.act_mean, fitted.act_std)))
     frames = dataset.observations[:, columns]

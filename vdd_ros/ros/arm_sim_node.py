@@ -12,6 +12,11 @@ each point's positions are the target from the previous point's time until its o
 ``time_from_start``, counted from the header stamp or, when that is zero, from the arrival; the
 last point is held).
 
+With ``command_interface: velocity`` (a velocity forward_command_controller; arm_avoid only) ``commands``
+carries joint velocities (rad/s) instead: each is held until the next command, clipped to the joint's
+velocity limit and integrated, a joint stopping at its position limit; ``joint_trajectory`` is ignored. Each
+episode starts at rest (zero velocity).
+
 Episodes: after a reset the arm holds its start pose still for ``settle_s`` (commands are
 ignored), then publishes ``episode_start`` (std_msgs/Int32, the episode index; the policy node
 clears its observation history and action chunk on it) and waits for the first command: the
@@ -63,6 +68,7 @@ LOCKSTEP_REPEAT_S = 0.5
 LOCKSTEP_ANNOUNCE_LEAD_S = 0.05
 
 SETTLING, WAITING, RUNNING, FINISHED = "settling", "waiting_for_command", "running", "finished"
+COMMAND_INTERFACES = ("position", "velocity")
 
 
 PARAMETERS = {
@@ -89,6 +95,11 @@ PARAMETERS = {
                                             "Keep the first episode settling until joint_states has this many "
                                             "subscribers (0 = do not wait), so that every policy node, a shadow "
                                             "included, sees the whole run.", int_range=(0, 1000))),
+    "command_interface": ("position", parameter_descriptor(
+        ParameterType.PARAMETER_STRING, "What 'commands' carries: position (joint position targets, the task's "
+        "servo tracks them) or velocity (joint velocities in rad/s for a velocity controller: held until the next "
+        "command, clipped to the velocity limits, stopped at the position limits; arm_avoid only).",
+        choices=COMMAND_INTERFACES)),
     "publish_every": (1, parameter_descriptor(ParameterType.PARAMETER_INTEGER, "Publish joint_states every this many "
                                                                       "physics ticks.", int_range=(1, 1000))),
 }
@@ -109,6 +120,13 @@ class ArmSimNode(Node):
         if p["task"] not in TASKS:
             raise ValueError(f"parameter 'task': expected one of {sorted(TASKS)}, got {p['task']!r}")
         self.task = task_module(p["task"])
+        if p["command_interface"] not in COMMAND_INTERFACES:
+            raise ValueError(f"parameter 'command_interface': expected one of {list(COMMAND_INTERFACES)}, got "
+                             f"{p['command_interface']!r}")
+        self.velocity_interface = p["command_interface"] == "velocity"
+        if self.velocity_interface and not hasattr(self.task.ArmSim, "step_velocity"):
+            raise ValueError(f"parameter 'command_interface': task {p['task']!r} has no velocity input "
+                             "(expected position)")
         self.joint_names = tuple(self.task.JOINT_NAMES)
         self.physics_rate_hz = self.task.PHYSICS_RATE_HZ
         self.ticks_per_control = self.task.TICKS_PER_CONTROL
@@ -119,6 +137,7 @@ class ArmSimNode(Node):
         self.episode = -1
         self.state = FINISHED
         self.target = self.sim.q[0].copy()
+        self.velocity = np.zeros_like(self.target)  # command_interface velocity: the velocity commanded
         self.trajectory = None  # (start time [sim clock s], times [n], positions [n, J])
         self._warn = ThrottledWarnings(self.get_logger(), WARN_PERIOD_S)
         # simulated clock: seconds since the epoch, starting at the wall time of start-up
@@ -145,6 +164,7 @@ class ArmSimNode(Node):
             self.create_timer(self.dt / max(self.rtf, 1.0), self._on_timer)
         pace = "in lockstep with the commands" if self.lockstep else f"x {self.rtf:g} real time"
         self.get_logger().info(f"{p['task']} simulation at {self.physics_rate_hz} Hz {pace}, "
+                               f"{p['command_interface']} commands, "
                                f"joints {list(self.joint_names)}, seed {p['seed']}, "
                                f"{self.max_episodes or 'unlimited'} episodes")
 
@@ -158,6 +178,7 @@ class ArmSimNode(Node):
         self.sim.reset(self.start_rng, self.sim.sample_start(self.start_rng, 1))
         self.start_q = self.sim.q[0].copy()
         self.target = self.start_q.copy()
+        self.velocity = np.zeros_like(self.start_q)
         self.trajectory = None
         self._path = [self.sim.ee_position()[0].copy()]
         self.state = SETTLING
@@ -208,13 +229,17 @@ class ArmSimNode(Node):
     def _on_commands(self, msg: Float64MultiArray) -> None:
         target = np.asarray(msg.data, dtype=np.float64)
         if target.size != len(self.joint_names) or not np.all(np.isfinite(target)):
+            what = "velocities" if self.velocity_interface else "positions"
             self._warn("commands", f"ignored command on {self.resolve_topic_name('commands')}: expected "
-                                   f"{len(self.joint_names)} finite positions for {list(self.joint_names)}, got "
+                                   f"{len(self.joint_names)} finite {what} for {list(self.joint_names)}, got "
                                    f"{list(msg.data)}")
             return
         if not self._accepting():
             return
-        self.target = target
+        if self.velocity_interface:
+            self.velocity = target
+        else:
+            self.target = target
         self.trajectory = None
         if self.state == WAITING:
             self.state = RUNNING
@@ -223,6 +248,9 @@ class ArmSimNode(Node):
 
     def _on_trajectory(self, msg: JointTrajectory) -> None:
         topic = self.resolve_topic_name("joint_trajectory")
+        if self.velocity_interface:
+            self._warn("trajectory", f"ignored trajectory on {topic}: command_interface is velocity")
+            return
         joint_names = self.joint_names
         if sorted(msg.joint_names) != sorted(joint_names):
             self._warn("trajectory", f"ignored trajectory on {topic}: joint_names {list(msg.joint_names)}, "
@@ -293,7 +321,7 @@ class ArmSimNode(Node):
         """One control period of physics with the command just received, then the next observation."""
         for _ in range(self.ticks_per_control):
             self.clock_s += self.dt
-            self.sim.step_physics(self.target[None])
+            self._step_sim()
             if self.sim.done[0]:
                 break
         self._path.append(self.sim.ee_position()[0].copy())
@@ -318,12 +346,18 @@ class ArmSimNode(Node):
             self.start_pub.publish(Int32(data=self.episode))
         if self.state != RUNNING:
             return
-        self.sim.step_physics(self._current_target()[None])
+        self._step_sim()
         if int(self.sim.ticks[0]) % self.ticks_per_control == 0:
             self._path.append(self.sim.ee_position()[0].copy())
         if self.sim.done[0]:
             self._path.append(self.sim.ee_position()[0].copy())
             self._end_episode()
+
+    def _step_sim(self) -> None:
+        if self.velocity_interface:
+            self.sim.step_velocity(self.velocity[None])
+        else:
+            self.sim.step_physics(self._current_target()[None])
 
     def _stamp(self):
         sec = int(self.clock_s)

@@ -16,6 +16,10 @@ import numpy as np
 from vdd_ros.spec import ModelSpec
 from vdd_ros.validation import check_int
 
+# joint_position: position targets; joint_delta: increments integrated into position targets; joint_velocity:
+# velocities (rad/s) for a velocity controller
+SUPPORTED_ACTION_KINDS = ("joint_position", "joint_delta", "joint_velocity")
+
 
 class ObservationError(ValueError):
     """An incoming message cannot be turned into an observation."""
@@ -171,10 +175,12 @@ class ObservationHistory:
 
 
 def spec_mismatches(spec: ModelSpec, joint_names: Sequence[str], control_rate_hz: float,
-                    allow_rate_override: bool = False) -> list[str]:
+                    allow_rate_override: bool = False, output: str = "commands") -> list[str]:
     """Where the node's parameters disagree with the model's spec: one line per problem, naming both sides.
 
-    ``joint_names`` empty and ``control_rate_hz`` 0 mean "take the model's".
+    ``joint_names`` empty and ``control_rate_hz`` 0 mean "take the model's". Every action kind of
+    ``SUPPORTED_ACTION_KINDS`` is commanded; a ``joint_velocity`` model only with ``output`` "commands"
+    (a JointTrajectory of positions cannot carry it).
     """
     problems = []
     if joint_names and tuple(joint_names) != tuple(spec.joint_names):
@@ -185,7 +191,10 @@ def spec_mismatches(spec: ModelSpec, joint_names: Sequence[str], control_rate_hz
           and not math.isclose(control_rate_hz, spec.control_rate_hz, rel_tol=1e-6)):
         problems.append(f"control_rate_hz: parameter {control_rate_hz} != model spec {spec.control_rate_hz} "
                         f"(set allow_rate_override to run a model at another rate)")
-    if spec.action_kind != "joint_position":
-        problems.append(f"action_kind: this node publishes joint position commands, model spec has "
+    if spec.action_kind not in SUPPORTED_ACTION_KINDS:
+        problems.append(f"action_kind: this node commands {list(SUPPORTED_ACTION_KINDS)}, model spec has "
                         f"'{spec.action_kind}'")
+    elif spec.action_kind == "joint_velocity" and output != "commands":
+        problems.append(f"action_kind: a joint_velocity model needs output 'commands' (velocities for a velocity "
+                        f"forward_command_controller), parameter output is '{output}'")
     return problems

@@ -18,6 +18,14 @@ moves at most ``max_joint_step`` from the previous one (from the measured positi
 start-up ramp); non-finite model outputs are never published and ``max_consecutive_faults`` of them
 disable the node; stale observations hold or stop (``on_stale``); observations whose stamps go backwards
 are dropped; more than ``max_deadline_misses`` late ticks within ``deadline_window_s`` hold.
+Action kinds (the model spec's ``action_kind``): ``joint_position`` targets are commanded as they are;
+``joint_delta`` increments are integrated into position targets (the first of each chunk from the measured
+position at planning time, each next one from the previous target) and then limited exactly like positions,
+for both outputs; ``joint_velocity`` velocities (rad/s) go out on ``commands`` for a velocity
+forward_command_controller, clipped to the spec's joint velocity limits and stopped at the position limits
+(``SafetyLayer.velocity``), and wherever a position model would hold or go silent (e-stop, disable, stale data
+in both ``on_stale`` modes, deadline or OOD holds, a refused output, deactivate) the node commands zero
+velocity once; output ``joint_trajectory`` refuses a velocity model at configure.
 """
 from __future__ import annotations
 
@@ -44,7 +52,14 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from vdd_ros.ros.command_executor import ChunkExecutor, ExpertHold
 from vdd_ros.ros.observation import ObservationAssembler, ObservationError, ObservationHistory, spec_mismatches
 from vdd_ros.ros.realtime import freeze_gc, lock_memory, quantiles, unfreeze_gc, unlock_memory
-from vdd_ros.ros.safety import DeadlineWatchdog, ObservationEnvelope, SafetyError, SafetyLayer, per_joint
+from vdd_ros.ros.safety import (
+    DeadlineWatchdog,
+    ObservationEnvelope,
+    SafetyError,
+    SafetyLayer,
+    integrate_deltas,
+    per_joint,
+)
 from vdd_ros.ros.spin import ThrottledWarnings, parameter_descriptor, run_node, stamp_seconds
 
 TRIGGERS = ("timer", "observation")
@@ -219,7 +234,8 @@ class PolicyNode(LifecycleNode):
         upper = np.asarray(spec.joint_upper, dtype=np.float64) - margin
         safety = SafetyLayer(lower, per_joint("upper", upper, n), per_joint("max_joint_step", step, n),
                              int(self._param("max_consecutive_faults")),
-                             start_enabled=bool(self._param("start_enabled")))
+                             start_enabled=bool(self._param("start_enabled")),
+                             max_velocity=spec.joint_velocity_limits, period_s=1.0 / self.rate_hz)
         if self._estop_seen:  # an e-stop that went true before configure still holds
             safety.estop(self._estop_seen)
         return safety
@@ -245,7 +261,7 @@ class PolicyNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         spec = policy.spec
         problems = spec_mismatches(spec, self.joint_names_param, float(self._param("control_rate_hz")),
-                                   bool(self._param("allow_rate_override")))
+                                   bool(self._param("allow_rate_override")), output=self.output)
         replan_every = int(self._param("replan_every")) or int(spec.model_info.get("execute_steps", 0)) \
             or spec.action_horizon
         if replan_every > spec.action_horizon:
@@ -256,6 +272,8 @@ class PolicyNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self.policy = policy
         self.spec = spec
+        self.action_kind = spec.action_kind
+        self.velocity_interface = spec.action_kind == "joint_velocity"
         self.rate_hz = float(self._param("control_rate_hz")) or spec.control_rate_hz
         self.period = 1.0 / self.rate_hz
         self.assembler = ObservationAssembler(spec)
@@ -286,13 +304,22 @@ class PolicyNode(LifecycleNode):
         self.get_logger().info(
             f"configured: model '{model_path}' ({policy.kind}, {policy.n_experts} experts, provider "
             f"{policy.provider}), joints {list(spec.joint_names)}, {self.rate_hz:g} Hz, history {spec.history}, "
-            f"horizon {spec.action_horizon}, replan every {replan_every} ticks, output '{self.output}'; "
+            f"horizon {spec.action_horizon}, replan every {replan_every} ticks, output '{self.output}' "
+            f"({self._action_line()}); "
             f"max_joint_step {np.round(safety.max_step, 4).tolist()} rad, limits {np.round(safety.lower, 3).tolist()}"
             f"..{np.round(safety.upper, 3).tolist()}, deadline hold "
             f"{f'past {watchdog.max_misses} misses in {watchdog.window_s:g} s' if watchdog.max_misses else 'off'}, "
             f"ood_threshold {self.ood_threshold:g} std beyond "
             f"{envelope_source}, {safety.state}")
         return TransitionCallbackReturn.SUCCESS
+
+    def _action_line(self) -> str:
+        if self.action_kind == "joint_velocity":
+            limits = np.round(np.asarray(self.spec.joint_velocity_limits, dtype=np.float64), 4).tolist()
+            return f"joint_velocity: velocities within +-{limits} rad/s, zero velocity on every stop"
+        if self.action_kind == "joint_delta":
+            return "joint_delta: increments integrated from the measured position into position targets"
+        return "joint_position targets"
 
     def _make_entities(self) -> None:
         if self.output == "commands":
@@ -330,6 +357,7 @@ class PolicyNode(LifecycleNode):
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         self._reset_policy_state()
+        self._velocity_stopped = False  # a velocity model's first stop (or disabled tick) commands zero
         if self.trigger == "timer":
             self._timer = self.create_timer(self.period, self._control_tick)
             # /diagnostics goes out from the control tick, after its command: a timer of its own would fire
@@ -369,6 +397,10 @@ class PolicyNode(LifecycleNode):
         self._stop_control_loop()
         self._diagnostics_by_timer()
         self._leave_realtime()
+        if self.velocity_interface:
+            self._stop_velocity(force=True)
+            self.get_logger().info("inactive: zero velocity commanded, no further commands")
+            return super().on_deactivate(state)
         if self.safety.enabled:
             self._publish_hold()
         self.get_logger().info("inactive: holding the last measured position, no commands")
@@ -433,6 +465,8 @@ class PolicyNode(LifecycleNode):
         self.ood_distance = 0.0
         self.ood_distance_max = 0.0
         self.commands_sent = 0
+        self.zero_velocity_commands = 0
+        self._velocity_stopped = False
         self._last_age = math.inf
         self._last_joint_stamp = -math.inf
         self._holding = ""  # why the last tick held ("stale", "deadline"): a hold is commanded once
@@ -461,6 +495,8 @@ class PolicyNode(LifecycleNode):
         if response.success and request.data:
             self.chunk.clear()  # a fresh plan from the current observation, ramped from the measured position
             self._reported_catch_up = False
+        elif response.success:
+            self._stop_velocity()
         line = f"~/enable {bool(request.data)}: {response.message}"
         if response.success:  # (rclpy refuses two severities from one call site)
             self.get_logger().info(line)
@@ -473,6 +509,7 @@ class PolicyNode(LifecycleNode):
         if self.safety is None:
             return
         if self.safety.estop(bool(msg.data)):
+            self._stop_velocity()  # at once, not at the next tick
             self.get_logger().warning("e-stop: commanding disabled (latched until estop is false and ~/enable "
                                       "is called with true)")
 
@@ -549,9 +586,11 @@ class PolicyNode(LifecycleNode):
             missing = self.assembler.missing()
             reason = f"no message yet on {missing}" if missing else \
                 f"observation is {age:.3f} s old > max_observation_age_s {self.max_age}"
-            self._warn("stale", f"no command: {reason}" + (" (holding the last measured position)"
-                                                          if self.on_stale == "hold" and not missing else ""))
-            self._hold_once("stale", publish=self.on_stale == "hold")
+            held = " (zero velocity)" if self.velocity_interface else " (holding the last measured position)" \
+                if self.on_stale == "hold" and not missing else ""
+            self._warn("stale", f"no command: {reason}{held}")
+            # (a velocity model: zero velocity in both modes; silence would keep the arm moving)
+            self._hold_once("stale", publish=self.on_stale == "hold" or self.velocity_interface)
             return
         frame = self.assembler.frame()
         self.history.push(frame)
@@ -561,6 +600,7 @@ class PolicyNode(LifecycleNode):
         if not safety.enabled:
             self.chunk.clear()  # the first plan after enabling starts from the observation of that tick
             self._holding = ""
+            self._stop_velocity()  # (a fault latch, start_enabled false: zero once)
             return
         if self.watchdog.tripped(started):
             self._warn("deadline", f"holding: {self.watchdog.recent(started)} deadline misses in the last "
@@ -579,7 +619,8 @@ class PolicyNode(LifecycleNode):
         self._holding = ""
         measured = self.assembler.joint_positions()
         if self.chunk.needs_plan:
-            if not self._plan():
+            if not self._plan(measured):
+                self._stop_velocity()
                 self._record_work(started)
                 return
             if self.output == "joint_trajectory":
@@ -590,7 +631,14 @@ class PolicyNode(LifecycleNode):
                 self._report_catch_up()
         action = self.chunk.next_action()
         if self.output == "commands":
-            command = safety.command(action, measured)
+            if self.velocity_interface:
+                command = safety.velocity(action, measured)
+                if command is None:
+                    self._stop_velocity()
+                else:
+                    self._velocity_stopped = False
+            else:
+                command = safety.command(action, measured)
             if command is not None:
                 self.command_pub.publish(Float64MultiArray(data=command.tolist()))
                 self.commands_sent += 1
@@ -623,7 +671,7 @@ class PolicyNode(LifecycleNode):
             self.get_logger().info(f"ramp: caught up with the model's output (step clips so far: "
                                    f"{self.safety.step_clips})")
 
-    def _plan(self) -> bool:
+    def _plan(self, measured) -> bool:
         window = self.history.window()
         held = self.hold.candidate(self._tick) if self.policy.n_experts else None
         t0 = time.perf_counter()
@@ -644,7 +692,11 @@ class PolicyNode(LifecycleNode):
                 throttle_duration_sec=WARN_PERIOD_S)
             self.chunk.clear()
             return False
-        self.chunk.load(out.actions)
+        actions = out.actions
+        if self.action_kind == "joint_delta":
+            # increments -> position targets: the first from the position measured now, each next from the last
+            actions = integrate_deltas(actions, measured)
+        self.chunk.load(actions)
         if out.expert >= 0:
             self.hold.record(self._tick, out.expert, held=held is not None)
         self.expert_pub.publish(Int32(data=int(out.expert)))
@@ -666,6 +718,9 @@ class PolicyNode(LifecycleNode):
         is (reached from the previous command within max_joint_step: ``SafetyLayer.hold``)."""
         if self.policy is None:
             return
+        if self.velocity_interface:
+            self._stop_velocity(force=True)
+            return
         q = self.safety.hold(self.assembler.joint_positions())
         if q is None:
             return
@@ -679,6 +734,21 @@ class PolicyNode(LifecycleNode):
             msg.header.stamp = self.get_clock().now().to_msg()
         # lifecycle publishers are still enabled here: super().on_deactivate disables them afterwards
         self.command_pub.publish(msg)
+
+    def _stop_velocity(self, force: bool = False) -> None:
+        """A velocity model: command zero velocity, once per stop (``force``: even if the last command was
+        zero, and while deactivating); nothing for a position model."""
+        if not getattr(self, "velocity_interface", False) or self.policy is None:
+            return
+        if not force and (self._velocity_stopped or not self._active):
+            return
+        n = self.spec.n_joints
+        msg = Float64MultiArray(data=[0.0] * n)
+        msg.layout.dim.append(MultiArrayDimension(label="joints", size=n, stride=n))
+        # lifecycle publishers are still enabled here: super().on_deactivate disables them afterwards
+        self.command_pub.publish(msg)
+        self._velocity_stopped = True
+        self.zero_velocity_commands += 1
 
     # --- diagnostics -----------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
@@ -704,7 +774,10 @@ class PolicyNode(LifecycleNode):
             "enabled": str(bool(self.safety and self.safety.enabled)),
             "safety_state": self.safety.state if self.safety else "not configured",
             "estop": str(bool(self.safety and self.safety.estop_active)),
+            "action_kind": getattr(self, "action_kind", "none") if self.policy else "none",
             "limit_clips": str(self.safety.limit_clips if self.safety else 0),
+            "velocity_clips": str(self.safety.velocity_clips if self.safety else 0),
+            "zero_velocity_commands": str(self.zero_velocity_commands),
             "step_clips": str(self.safety.step_clips if self.safety else 0),
             "ramp_caught_up": str(bool(self.safety and self.safety.caught_up)),
             "invalid_outputs": str(self.safety.invalid_outputs if self.safety else 0),

@@ -12,6 +12,12 @@ Rules (the README's "Safety" table lists them with their parameters):
   left toward the limits, never by more than ``max_step``.
 - A target with a NaN or Inf is never commanded; ``max_consecutive_faults`` of them in a row disable and
   latch (like the e-stop, ``enable(True)`` clears it).
+- Velocity commands (``joint_velocity`` models, ``velocity``): each joint's velocity is clipped to
+  ``max_velocity`` and, from the measured position, to what keeps it inside the position limits for one
+  period ``period_s`` (at or beyond a limit: 0 toward it); non-finite targets are refused as by ``command``.
+  Where the node cannot command a velocity (disabled, stale data, holds, a refused target) it commands zero.
+- ``integrate_deltas``: a ``joint_delta`` chunk as position targets, the first from the measured position,
+  each next one from the previous target; they then go through ``command``/``trajectory`` like positions.
 - ``DeadlineWatchdog``: more than ``max_misses`` deadline misses within ``window_s`` asks the node to hold.
 - ``ObservationEnvelope``: how far a live frame lies outside the training observations, in standard
   deviations beyond their range (per dimension, the largest); the node holds above ``ood_threshold``.
@@ -42,11 +48,27 @@ def per_joint(name: str, values, n_joints: int) -> np.ndarray:
     return arr
 
 
+def integrate_deltas(deltas, measured) -> np.ndarray:
+    """A ``joint_delta`` chunk ``[H, n_joints]`` (position increments) as position targets ``[H, n_joints]``:
+    ``measured + cumsum(deltas)``: the first increment from the measured position ``[n_joints]``, each next
+    one from the previous (unclipped) target. The safety layer clips the targets afterwards."""
+    deltas = np.asarray(deltas, dtype=np.float64)
+    if deltas.ndim != 2:
+        raise SafetyError(f"joint_delta chunk: expected shape [H, n_joints], got {list(deltas.shape)}")
+    measured = np.asarray(measured, dtype=np.float64).reshape(-1)
+    if measured.shape != (deltas.shape[1],):
+        raise SafetyError(f"joint_delta chunk: expected a measured position of {deltas.shape[1]} joints, got "
+                          f"{measured.size}")
+    return measured[None] + np.cumsum(deltas, axis=0)
+
+
 class SafetyLayer:
     """What the node may command. ``lower``/``upper`` are the (narrowed) position limits, ``max_step`` the
-    largest change per command, all ``[n_joints]``."""
+    largest change per command, all ``[n_joints]``. ``max_velocity`` (per joint, rad/s) and ``period_s`` (the
+    control period) are needed only for velocity commands (``velocity``)."""
 
-    def __init__(self, lower, upper, max_step, max_consecutive_faults: int = 3, start_enabled: bool = False):
+    def __init__(self, lower, upper, max_step, max_consecutive_faults: int = 3, start_enabled: bool = False,
+                 max_velocity=None, period_s: float | None = None):
         self.lower = np.asarray(lower, dtype=np.float64).copy()
         n = self.lower.size
         self.upper = per_joint("upper", upper, n)
@@ -60,6 +82,17 @@ class SafetyLayer:
             raise SafetyError(f"max_consecutive_faults: expected >= 1, got {max_consecutive_faults}")
         self.max_consecutive_faults = int(max_consecutive_faults)
         self._neg_step = -self.max_step
+        self.max_velocity = None
+        self.period_s = None
+        if max_velocity is not None:
+            self.max_velocity = per_joint("joint_velocity_limits", max_velocity, n)
+            if np.any(self.max_velocity <= 0):
+                raise SafetyError(f"joint_velocity_limits: expected > 0 for every joint, got "
+                                  f"{self.max_velocity.tolist()}")
+            if period_s is None or not float(period_s) > 0 or not np.isfinite(float(period_s)):
+                raise SafetyError(f"velocity commands: expected a control period > 0 s, got {period_s}")
+            self.period_s = float(period_s)
+            self._neg_velocity = -self.max_velocity
         self.enabled = bool(start_enabled)
         self.estop_active = False
         self.latched = ""  # why commanding stays off until enable(True): REASON_ESTOP or REASON_FAULTS
@@ -70,6 +103,7 @@ class SafetyLayer:
         self.step_clips = 0
         self.invalid_outputs = 0
         self.consecutive_faults = 0
+        self.velocity_clips = 0
 
     # --- enable / e-stop -------------------------------------------------------------
     def estop(self, active: bool) -> bool:
@@ -175,6 +209,41 @@ class SafetyLayer:
             self.caught_up = True
         self.previous = points[-1].copy()
         return points
+
+    def velocity(self, target, measured) -> np.ndarray | None:
+        """The velocity command for the model's ``target`` velocity ``[n_joints]`` (rad/s), or None (disabled,
+        non-finite target: counted as ``fault``, no finite measured position); the node commands zero
+        velocity for a None. Each joint is clipped to ``max_velocity`` (counted in ``velocity_clips``), then
+        so that one period from the measured position stays inside the position limits: at or beyond a limit
+        nothing moves further out (counted in ``limit_clips``)."""
+        if not self.enabled:
+            return None
+        if self.max_velocity is None:
+            raise SafetyError("velocity commands: this safety layer has no max_velocity and period_s")
+        target = np.asarray(target, dtype=np.float64)
+        if not np.all(np.isfinite(target)):
+            self.fault()
+            return None
+        self.consecutive_faults = 0
+        if measured is None:
+            return None
+        q = np.asarray(measured, dtype=np.float64)
+        if not np.all(np.isfinite(q)):
+            return None
+        limited = np.minimum(np.maximum(target, self._neg_velocity), self.max_velocity)
+        clipped = not np.array_equal(limited, target)
+        if clipped:
+            self.velocity_clips += 1
+        # what one period may cover without leaving [lower, upper]; outside them: 0 further out
+        high = np.minimum(self.max_velocity, np.maximum((self.upper - q) / self.period_s, 0.0))
+        low = np.maximum(self._neg_velocity, np.minimum((self.lower - q) / self.period_s, 0.0))
+        command = np.minimum(np.maximum(limited, low), high)
+        if not np.array_equal(command, limited):
+            self.limit_clips += 1
+            clipped = True
+        if not clipped:
+            self.caught_up = True
+        return command
 
     def hold(self, measured) -> np.ndarray | None:
         """The command that stops the arm (stale data, watchdog, deactivate): the measured position, reached

@@ -255,6 +255,24 @@ class ArmSim:
         qdot = np.clip(self.config.servo_gain * (target - self.q), -self._vmax, self._vmax)
         # gain * dt < 1 and the target is inside the limits, so q never overshoots a limit
         q_new = self.q + qdot * self._dt
+        self._advance(q_new, qdot, active)
+
+    def step_velocity(self, qdot_target: np.ndarray) -> None:
+        """One physics tick at joint velocities ``[B, 3]`` (rad/s; a velocity command interface): each clipped
+        to the joint's velocity limit, then integrated; a joint reaching a position limit stops there (its
+        velocity then reads 0)."""
+        velocity = np.asarray(qdot_target, dtype=np.float64)
+        if velocity.shape != self.q.shape:
+            fail("qdot_target", f"shape {list(self.q.shape)}", list(velocity.shape))
+        active = ~self.done
+        if not np.all(np.isfinite(velocity[active])):
+            fail("qdot_target", "finite joint velocities", velocity[active].tolist())
+        velocity = np.clip(velocity, -self._vmax, self._vmax)
+        q_new = np.clip(self.q + velocity * self._dt, self._lower, self._upper)
+        self._advance(q_new, (q_new - self.q) / self._dt, active)
+
+    def _advance(self, q_new: np.ndarray, qdot: np.ndarray, active: np.ndarray) -> None:
+        """The tick's new positions and velocities for the active episodes, then time, events and path."""
         self.q = np.where(active[:, None], q_new, self.q)
         self.qdot = np.where(active[:, None], qdot, 0.0 * self.qdot)
         self.time = np.where(active, self.time + self._dt, self.time)
