@@ -83,7 +83,7 @@ def register(subparsers) -> None:
     ros.add_argument("--quick", action="store_true",
                      help="smoke run: the student and the 16-step teacher, 100 and 1000 Hz, observation trigger, 3 s")
     ros.add_argument("--no-floor", action="store_true", help="skip the bare-rclpy DDS floor")
-    ros.add_argument("--executor", default="events", choices=("single_threaded", "events"),
+    ros.add_argument("--executor", default="single_threaded", choices=("single_threaded", "events"),
                      help="the rclpy executor of the policy node and the echo (default: %(default)s, the node's)")
     ros.add_argument("--attach", default=None, metavar="NODE",
                      help="measure this already running policy node (e.g. /arm/student_policy) for --duration s "

@@ -33,6 +33,7 @@ import itertools
 import math
 import sys
 import time
+from array import array
 from collections import deque
 
 import numpy as np
@@ -60,7 +61,7 @@ from vdd_ros.ros.safety import (
     integrate_deltas,
     per_joint,
 )
-from vdd_ros.ros.spin import ThrottledWarnings, parameter_descriptor, run_node, stamp_seconds
+from vdd_ros.ros.spin import EXECUTORS, ThrottledWarnings, parameter_descriptor, run_node, stamp_seconds
 
 TRIGGERS = ("timer", "observation")
 OUTPUTS = ("commands", "joint_trajectory")
@@ -159,6 +160,9 @@ PARAMETERS = {
         ParameterType.PARAMETER_DOUBLE, "Hold (no commands) while the observation lies further than this many "
         "standard deviations outside the training observations' range (the largest over its dimensions); "
         "0 = off.", float_range=(0.0, 1000.0))),
+    "executor": ("single_threaded", parameter_descriptor(
+        ParameterType.PARAMETER_STRING, "The rclpy executor the process spins (read at start-up): "
+        "single_threaded, or events (rclpy's experimental EventsExecutor; docs/benchmarks.md).", choices=EXECUTORS)),
     "diagnostics_period_s": (1.0, parameter_descriptor(ParameterType.PARAMETER_DOUBLE,
                                               "Period of the /diagnostics message.", float_range=(0.01, 3600.0))),
     "autostart": (True, parameter_descriptor(ParameterType.PARAMETER_BOOL,
@@ -185,6 +189,11 @@ class PolicyNode(LifecycleNode):
         self.stats_window = stats_window
         for name, (default, descriptor) in PARAMETERS.items():
             self.declare_parameter(name, default, descriptor)
+        self.executor_kind = self._param("executor")  # run_node builds this executor
+        if self.executor_kind not in EXECUTORS:
+            self.get_logger().error(f"parameter executor: expected one of {list(EXECUTORS)}, got "
+                                    f"'{self.executor_kind}': using single_threaded")
+            self.executor_kind = "single_threaded"
         self.policy = None
         self._entities = []  # publishers, subscriptions, timers, services made at configure
         self._timer = None
@@ -329,6 +338,8 @@ class PolicyNode(LifecycleNode):
         self.expert_pub = self.create_lifecycle_publisher(Int32, "~/expert", 10)
         self.latency_pub = self.create_lifecycle_publisher(Float64, "~/inference_time", 10)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._command_msg, self._expert_msg, self._latency_msg = Float64MultiArray(), Int32(), Float64()
+        self._monitoring_due = False
         self._entities = [self.command_pub, self.expert_pub, self.latency_pub, self.diag_pub]
         self._entities.append(self.create_subscription(JointState, "joint_states", self._on_joint_state,
                                                        qos_profile_sensor_data))
@@ -629,6 +640,7 @@ class PolicyNode(LifecycleNode):
                     self._publish_trajectory(points)
                     self.commands_sent += 1
                 self._report_catch_up()
+                self._publish_monitoring()
         action = self.chunk.next_action()
         if self.output == "commands":
             if self.velocity_interface:
@@ -640,9 +652,12 @@ class PolicyNode(LifecycleNode):
             else:
                 command = safety.command(action, measured)
             if command is not None:
-                self.command_pub.publish(Float64MultiArray(data=command.tolist()))
+                # one message object for every command: its data set from an array('d'), no per-element checks
+                self._command_msg.data = array("d", command.tobytes())
+                self.command_pub.publish(self._command_msg)
                 self.commands_sent += 1
                 self._report_catch_up()
+        self._publish_monitoring()
         self._tick += 1
         self._record_work(started)
 
@@ -699,9 +714,17 @@ class PolicyNode(LifecycleNode):
         self.chunk.load(actions)
         if out.expert >= 0:
             self.hold.record(self._tick, out.expert, held=held is not None)
-        self.expert_pub.publish(Int32(data=int(out.expert)))
-        self.latency_pub.publish(Float64(data=elapsed))
+        # ~/expert and ~/inference_time go out after this tick's command (_publish_monitoring): not in its path
+        self._expert_msg.data = int(out.expert)
+        self._latency_msg.data = elapsed
+        self._monitoring_due = True
         return True
+
+    def _publish_monitoring(self) -> None:
+        if self._monitoring_due:
+            self._monitoring_due = False
+            self.expert_pub.publish(self._expert_msg)
+            self.latency_pub.publish(self._latency_msg)
 
     def _publish_trajectory(self, actions: np.ndarray) -> None:
         msg = JointTrajectory()
