@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from vdd_ros.ros.latency_bench import cell_figures, parse_list, sustained_rate
+from vdd_ros.ros.latency_bench import answered_observations, cell_figures, parse_list, sustained_rate
 
 
 def test_each_command_is_paired_with_the_newest_observation_before_it():
@@ -19,6 +19,19 @@ def test_each_command_is_paired_with_the_newest_observation_before_it():
     assert figures["inference_p50_ms"] == pytest.approx(0.3) and figures["cpu_percent"] == 25.0
     late = cell_figures([0.0, 0.001], [0.0025, 0.0026], 1000.0, 0.002, [], 0.0, "timer")
     assert late["misses"] == 2 and late["dropped"] == 0  # both later than one 1 ms period
+
+
+def test_a_command_sooner_than_any_answer_can_be_answers_the_observation_before():
+    # 1 kHz, a node taking 1.4 ms: the answer to observation 0 arrives 0.4 ms after observation 1 was published
+    published = [0.000, 0.001, 0.002, 0.003]
+    arrivals = [0.0014, 0.0029, 0.0044]
+    newest = cell_figures(published, arrivals, 1000.0, 0.004, [0.0003], 0.0, "observation")
+    np.testing.assert_allclose(newest["latencies_ms"], [0.4, 0.9, 1.4], atol=1e-9)  # understated
+    paired = cell_figures(published, arrivals, 1000.0, 0.004, [0.0003], 0.0, "observation", min_latency_s=0.0008)
+    np.testing.assert_allclose(paired["latencies_ms"], [1.4, 0.9, 1.4], atol=1e-9)
+    assert list(answered_observations(np.asarray(published), np.asarray(arrivals), 0.0008)) == [0, 2, 3]
+    # an observation already answered is not answered twice: the newest stays
+    assert list(answered_observations(np.asarray(published), np.asarray([0.0005, 0.0012]), 0.0008)) == [0, 1]
 
 
 def test_the_sustained_rate_is_the_highest_rate_within_its_period_and_miss_budget():

@@ -18,7 +18,12 @@ from std_msgs.msg import Float64MultiArray  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 from vdd_ros.paths import config_file, model_file  # noqa: E402
-from vdd_ros.ros.episode_monitor import EpisodeMonitor, offline_rollout, summarize_results  # noqa: E402
+from vdd_ros.ros.episode_monitor import (  # noqa: E402
+    EpisodeMonitor,
+    expert_switches,
+    offline_rollout,
+    summarize_results,
+)
 from vdd_ros.ros.processes import NodeProcess, ros_environment, stop_all  # noqa: E402
 from vdd_ros.runtime import load_policy  # noqa: E402
 from vdd_ros.tasks import arm_avoid  # noqa: E402
@@ -106,6 +111,18 @@ SEED = 11
 def offline_greedy(model_path, n_episodes, seed):
     # one episode per call, as the node calls the model: the same float32 rounding, the same argmax
     return offline_rollout(load_policy(model_path), n_episodes, seed, greedy=True, batch_size=1)
+
+
+def test_offline_rollouts_record_each_plans_expert_per_episode():
+    student = load_policy(model_file("student.onnx"))
+    experts = []
+    recorded = offline_rollout(student, 3, SEED, greedy=True, experts=experts)
+    plain = offline_greedy(model_file("student.onnx"), 3, SEED)
+    assert recorded.to_dict() == plain.to_dict()  # the same plans as one-episode-at-a-time rollouts
+    assert len(experts) == 3 and all(len(plans) >= 2 for plans in experts)
+    assert all(0 <= z < student.n_experts for plans in experts for z in plans)
+    assert expert_switches([[1, 1, 2, 2, 0], [3], [4, 5]]) == (3, 5)
+    assert expert_switches(experts)[1] == sum(len(plans) - 1 for plans in experts)
 
 
 def run_episodes_over_ros(tmp_path, domain_id, model, n_episodes, sim_parameters, policy_parameters, timeout):

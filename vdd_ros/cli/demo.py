@@ -118,6 +118,8 @@ def choose_student(args, out_dir: Path) -> tuple[Path, str]:
 
 # --- step 3: offline figures -------------------------------------------------------------------
 def offline_evaluation(model: Path, episodes: int, seed: int, greedy: bool) -> dict:
+    """Offline rollouts of ``model``; a student's run one episode at a time, as the node plans, recording
+    each plan's expert (``experts``: per episode)."""
     import numpy as np
 
     from vdd_ros.ros.episode_monitor import offline_rollout
@@ -125,7 +127,8 @@ def offline_evaluation(model: Path, episodes: int, seed: int, greedy: bool) -> d
 
     policy = load_policy(model, device="cpu")
     rng = np.random.default_rng(seed)
-    result = offline_rollout(policy, episodes, seed, greedy, rng)
+    experts = [] if policy.n_experts else None
+    result = offline_rollout(policy, episodes, seed, greedy, rng, experts=experts)
     # the latency of one call as the node makes it (one window), measured on this machine
     window = np.tile(np.asarray(policy.spec.normalization.obs_mean), (policy.spec.history, 1))
     policy.warmup(20)
@@ -134,7 +137,7 @@ def offline_evaluation(model: Path, episodes: int, seed: int, greedy: bool) -> d
         started = time.perf_counter()
         policy.act(window, rng, greedy=greedy)
         times.append(time.perf_counter() - started)
-    return {"kind": policy.kind, "metrics": result.to_dict(), "latency_s": times,
+    return {"kind": policy.kind, "metrics": result.to_dict(), "latency_s": times, "experts": experts,
             "ee_paths": result.ee_paths, "routes": result.routes, "collisions": [bool(c) for c in result.collision]}
 
 
@@ -151,10 +154,6 @@ def _command_gap(driver_commands, shadow_commands, max_lag_s: float = 0.025) -> 
         if abs(times[i] - t) <= max_lag_s and len(command) == len(driver_commands[i][1]):
             gaps.append(np.abs(np.asarray(command) - np.asarray(driver_commands[i][1])).mean())
     return float(np.mean(gaps)) if gaps else None
-
-
-def _switches(experts: list[int]) -> int:
-    return sum(1 for a, b in zip(experts, experts[1:]) if a != b)
 
 
 def run(args) -> int:
@@ -198,7 +197,7 @@ def run(args) -> int:
 
     import rclpy  # noqa: F401  (fails here, with a clear message, where the ROS 2 wheels are missing)
 
-    from vdd_ros.ros.episode_monitor import EpisodeMonitor, latency_summary, summarize_results
+    from vdd_ros.ros.episode_monitor import EpisodeMonitor, expert_switches, latency_summary, summarize_results
     from vdd_ros.ros.processes import NodeProcess, ros_environment, stop_all
 
     domain = args.domain_id if args.domain_id is not None else int(os.environ.get("ROS_DOMAIN_ID", "42"))
@@ -273,9 +272,16 @@ def run(args) -> int:
     gap = _command_gap(monitor.commands[args.driver], monitor.commands[roles[-1]]) if len(roles) == 2 else None
     if gap is not None:
         print(f"mean |{args.driver} - shadow| joint target on the same observations: {gap:.4f} rad")
-    if monitor.experts.get("student"):
-        print(f"student expert switches between plans: {_switches(monitor.experts['student'])} of "
-              f"{len(monitor.experts['student'])} plans")
+    switch_rates = {}
+    if "student" in roles:
+        ros_role = "over ROS" if args.driver == "student" else "over ROS in the teacher's shadow"
+        for label, episodes in ((ros_role, monitor.experts_per_episode("student")),
+                                ("offline", offline["student"]["experts"] or [])):
+            switches, pairs = expert_switches(episodes)
+            if pairs:
+                switch_rates[label] = {"switches": switches, "plan_pairs": pairs, "share": switches / pairs}
+        print("student expert switches between consecutive plans of an episode: " + "; ".join(
+            f"{label} {v['share']:.0%} ({v['switches']} of {v['plan_pairs']})" for label, v in switch_rates.items()))
 
     summary = {
         "task": args.task, "student": str(student), "student_source": student_source,
@@ -286,7 +292,7 @@ def run(args) -> int:
         "latency_over_ros": {role: latency_summary(monitor.latencies[role]) for role in roles},
         "offline": {role: {"metrics": offline[role]["metrics"], "latency": latency_summary(offline[role]["latency_s"])}
                     for role in roles},
-        "command_gap_rad": gap, "exit_codes": codes,
+        "command_gap_rad": gap, "expert_switches": switch_rates, "exit_codes": codes,
     }
     json_path = out_dir / "demo.json"
     write_json(json_path, summary)

@@ -342,6 +342,12 @@ def validate_mixture_fields(config, owner: str) -> None:
         fail(f"{owner}.device", "a torch device such as 'cpu' or 'cuda:0'", config.device)
 
 
+# The student's (and its EM baseline's) default backbone: 128x3 ReLU. One network evaluation of it is a
+# small fraction of a 16-step teacher's 16 (docs/benchmarks.md#students-backbone-and-gating); the 2-D presets
+# keep 256 Mish.
+STUDENT_BACKBONE = BackboneConfig(hidden=128, activation="relu")
+
+
 @dataclass
 class VDDConfig(ConfigBase):
     """Every knob of a VDD run. Defaults: the shipped arm-task student; ``preset("gmm2d")``: the 2-D check."""
@@ -371,7 +377,7 @@ class VDDConfig(ConfigBase):
     gating: str = knob("detached_mlp", "detached_mlp (MLP head on the detached features), own_mlp or detached_features")
     gating_hidden: int = knob(128, "detached_mlp/own_mlp: width of the gating MLP (0: backbone.hidden)")
     gating_layers: int = knob(2, "detached_mlp/own_mlp: hidden layers of the gating MLP (0: backbone.mlp_layers)")
-    backbone: BackboneConfig = knob(BackboneConfig(activation="relu"), "the network that reads the observation window")
+    backbone: BackboneConfig = knob(STUDENT_BACKBONE, "the network that reads the observation window")
     gating_warmup_fraction: float = knob(0.0, "fraction of the run in which the experts see uniform gating")
     freeze_gating_fraction: float | None = knob(0.7, "gating M-steps stop after this fraction (null: never)")
     dead_expert_threshold: float = knob(0.001, "an expert whose mean gating weight is below this is reported dead")
@@ -400,7 +406,7 @@ class VDDConfig(ConfigBase):
         "gmm2d": dict(iterations=1000, samples_per_expert=64, gating_batch_size=1024, expert_lr=1e-2, gating_lr=1e-2,
                       sigma_min=0.2, sigma_max=0.5, sigma_anneal=True, sigma_final_max=0.05,
                       covariance="full", init_std=1.0, mean_init_spread=1.5, gating="detached_features",
-                      backbone=dict(activation="mish"), gating_warmup_fraction=0.7,
+                      backbone=dict(hidden=256, activation="mish"), gating_warmup_fraction=0.7,
                       reinit_fractions=[0.15, 0.3, 0.45], reinit_distance=1.0, warm_start_iterations=0,
                       merge_fractions=[0.8]),
     }
@@ -496,7 +502,7 @@ class EMConfig(ConfigBase):
     gating: str = knob("detached_mlp", "detached_mlp (MLP head on the detached features), own_mlp or detached_features")
     gating_hidden: int = knob(128, "detached_mlp/own_mlp: width of the gating MLP (0: backbone.hidden)")
     gating_layers: int = knob(2, "detached_mlp/own_mlp: hidden layers of the gating MLP (0: backbone.mlp_layers)")
-    backbone: BackboneConfig = knob(BackboneConfig(activation="relu"), "the network that reads the observation window")
+    backbone: BackboneConfig = knob(STUDENT_BACKBONE, "the network that reads the observation window")
     history: int = knob(2, "observation frames in the window (the teacher's, for a fair comparison)")
     dead_expert_threshold: float = knob(0.001, "an expert whose mean gating weight is below this is reported dead")
     seed: int = knob(0, "seeds parameters and batches")
@@ -514,7 +520,8 @@ class EMConfig(ConfigBase):
     PRESETS: ClassVar[dict[str, dict]] = {
         # the 2-D checks (test/test_em.py, scripts/figure_2d.py): one state-independent frame
         "gmm2d": dict(iterations=1000, expert_lr=1e-2, gating_lr=1e-2, covariance="full", init_std=1.0,
-                      mean_init_spread=1.5, gating="detached_features", backbone=dict(activation="mish"), history=1),
+                      mean_init_spread=1.5, gating="detached_features", backbone=dict(hidden=256, activation="mish"),
+                      history=1),
     }
 
     def validate(self) -> EMConfig:

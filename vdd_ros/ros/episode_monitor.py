@@ -32,6 +32,7 @@ class EpisodeMonitor:
         self.results: list[dict] = []
         self.latencies: dict[str, list[float]] = {}
         self.experts: dict[str, list[int]] = {}
+        self.episode_ends: dict[str, list[int]] = {}  # len(experts[label]) at each episode result
         self.commands: dict[str, list[tuple[float, list[float]]]] = {}
         prefix = sim_namespace.rstrip("/")
         self.node.create_subscription(String, f"{prefix}/episode_result", self._on_result, RESULT_QOS)
@@ -39,6 +40,7 @@ class EpisodeMonitor:
         for label, (node_name, command_topic) in (policy_nodes or {}).items():
             self.watched_topics += [f"{node_name}/inference_time", f"{node_name}/expert", command_topic]
             self.latencies[label], self.experts[label], self.commands[label] = [], [], []
+            self.episode_ends[label] = []
             self.node.create_subscription(Float64, f"{node_name}/inference_time",
                                           lambda m, k=label: self.latencies[k].append(m.data), 100)
             self.node.create_subscription(Int32, f"{node_name}/expert",
@@ -49,6 +51,13 @@ class EpisodeMonitor:
 
     def _on_result(self, msg: String) -> None:
         self.results.append(json.loads(msg.data))
+        for label, plans in self.experts.items():
+            self.episode_ends[label].append(len(plans))
+
+    def experts_per_episode(self, label: str) -> list[list[int]]:
+        """The experts a watched policy node chose, split into episodes at each episode result."""
+        plans, ends = self.experts[label], self.episode_ends[label]
+        return [plans[begin:end] for begin, end in zip([0, *ends], ends)]
 
     def spin_until(self, done, timeout: float, on_progress=None) -> bool:
         """Spin until ``done()`` or ``timeout`` seconds; ``on_progress(n_results)`` after each new result."""
@@ -128,15 +137,38 @@ def task_frame_columns(spec) -> list[int]:
     return columns
 
 
-def offline_rollout(policy, n_episodes: int, seed: int, greedy: bool, rng=None, batch_size: int = 128):
+def offline_rollout(policy, n_episodes: int, seed: int, greedy: bool, rng=None, batch_size: int = 128,
+                    experts: list | None = None):
     """The ``rollout`` of the spec's task for a runtime Policy (``act_batch``), reading the fields its spec names.
 
     ``batch_size=1`` reproduces the node's single-observation calls bit for bit (onnxruntime's kernels,
     and so the float32 rounding, depend on the batch size, which can flip a near-tie between experts).
+    ``experts`` (a student's rollout): a list that receives, per episode, the expert of each plan, in order
+    (one episode at a time, as the node plans).
     """
     columns = task_frame_columns(policy.spec)
     rng = np.random.default_rng(seed) if rng is None else rng
     task = task_module(spec_task(policy.spec))
-    return task.rollout(lambda windows: policy.act_batch(windows[..., columns], rng, greedy=greedy),
-                        n_episodes, seed=seed, history=policy.spec.history,
-                        execute_steps=policy.spec.model_info.get("execute_steps"), batch_size=batch_size)
+    execute_steps = policy.spec.model_info.get("execute_steps")
+    if experts is None:
+        return task.rollout(lambda windows: policy.act_batch(windows[..., columns], rng, greedy=greedy),
+                            n_episodes, seed=seed, history=policy.spec.history, execute_steps=execute_steps,
+                            batch_size=batch_size)
+
+    class Recorder:
+        def start_batch(self, _n, _rng):
+            experts.append([])  # batch size 1: a new batch is a new episode
+
+        def __call__(self, windows):
+            out = policy.act_detailed(windows[0][..., columns], rng, greedy=greedy)
+            experts[-1].append(int(out.expert))
+            return out.actions[None]
+
+    return task.rollout(Recorder(), n_episodes, seed=seed, history=policy.spec.history,
+                        execute_steps=execute_steps, batch_size=1)
+
+
+def expert_switches(episodes: list[list[int]]) -> tuple[int, int]:
+    """(switches, plan pairs): how often consecutive plans of one episode chose different experts."""
+    switches = sum(int(a != b) for plans in episodes for a, b in zip(plans, plans[1:]))
+    return switches, sum(max(len(plans) - 1, 0) for plans in episodes)

@@ -4,8 +4,10 @@ For each model and control rate (and trigger), the real ``policy_node`` runs as 
 model (``replan_every`` 1: a model call per command, the worst case; the safety holds for deadlines and
 out-of-distribution observations off, so the figures show timing, not holds). This process is the arm: it
 publishes stamped ``JointState`` at the rate and notes when each ``commands`` message arrives, over DDS on
-localhost. A command's latency is its arrival minus the stamp of the newest observation published before it
-(trigger ``observation``: the one it answers; trigger ``timer``: the freshest one the node could have used).
+localhost. A command's latency is its arrival minus the stamp of the observation it answers: the newest one
+published before it, or the one before when the command came sooner than any answer can (the floor's fastest
+round trip plus the fastest model call) and that one has no command yet (trigger ``timer``: the freshest
+observation the node could have used).
 The DDS floor is the same harness against ``latency_echo``, a bare rclpy node that answers each JointState at
 once: the node's own share is its figure minus the floor's.
 
@@ -122,9 +124,29 @@ class Harness:
         self._rclpy.try_shutdown(context=self.context)
 
 
+def answered_observations(pub: np.ndarray, arr: np.ndarray, min_latency_s: float = 0.0) -> np.ndarray:
+    """For each command arrival, the index of the observation it answers.
+
+    The newest observation published before the arrival, unless the command came sooner after it than any
+    answer can (``min_latency_s``: the DDS round trip plus the model call) and the observation before that one
+    has no command yet: then it answers that one (a node falling behind answers observation k after k+1 was
+    published). Pairing with the newest alone would understate the latency of a node that falls behind."""
+    index = np.searchsorted(pub, arr, side="right") - 1
+    if min_latency_s <= 0 or not index.size:
+        return index
+    answered = np.zeros(pub.size, dtype=bool)
+    for i, (arrival, j) in enumerate(zip(arr, index)):
+        if arrival - pub[j] < min_latency_s and j > 0 and not answered[j - 1]:
+            j = j - 1
+            index[i] = j
+        answered[j] = True
+    return index
+
+
 def cell_figures(published: list[float], arrivals: list[float], rate_hz: float, seconds: float,
-                 inference: list[float], cpu_share: float, trigger: str) -> dict:
-    """The figures of one cell from publish and arrival times (seconds, one clock)."""
+                 inference: list[float], cpu_share: float, trigger: str, min_latency_s: float = 0.0) -> dict:
+    """The figures of one cell from publish and arrival times (seconds, one clock); ``min_latency_s``: the
+    shortest time in which any answer can arrive (see :func:`answered_observations`)."""
     pub = np.asarray(published)
     arr = np.asarray([a for a in arrivals if pub.size and a >= pub[0]])
     period = 1.0 / rate_hz
@@ -133,7 +155,7 @@ def cell_figures(published: list[float], arrivals: list[float], rate_hz: float, 
                 "max_ms": None, "misses": int(pub.size), "miss_share": 1.0, "dropped": int(pub.size),
                 "achieved_hz": 0.0, "inference_p50_ms": None, "inference_p99_ms": None,
                 "cpu_percent": round(100 * cpu_share, 1), "latencies_ms": []}
-    index = np.searchsorted(pub, arr, side="right") - 1  # the newest observation published before each arrival
+    index = answered_observations(pub, arr, min_latency_s)
     latency = arr - pub[index]
     answered = np.zeros(pub.size, dtype=bool)
     answered[index] = True
@@ -245,6 +267,7 @@ def run_sweep(models: dict[str, Path], rates: list[float], triggers: list[str], 
     log_dir = Path(tempfile.mkdtemp(prefix="vdd_bench_ros_"))
     harness = Harness(domain_id, spec.joint_names, positions)
     cells = []
+    floor_min_s: dict[float, float] = {}
     plan = ([("DDS floor (bare echo)", "latency_echo", None, "observation")] if floor else []) + \
         [(label, "policy_node", path, trigger) for label, path in models.items() for trigger in triggers]
     try:
@@ -260,8 +283,13 @@ def run_sweep(models: dict[str, Path], rates: list[float], triggers: list[str], 
                     cpu0, t0 = cpu_seconds(proc.process.pid), time.perf_counter()
                     published = harness.run(seconds, rate)
                     cpu_share = (cpu_seconds(proc.process.pid) - cpu0) / (time.perf_counter() - t0)
+                    # no answer comes sooner than the bare echo's fastest round trip plus the fastest model call
+                    min_latency = 0.0 if executable == "latency_echo" else \
+                        floor_min_s.get(rate, 0.0) + (min(harness.inference) if harness.inference else 0.0)
                     figures = cell_figures(published, harness.arrivals, rate, seconds, harness.inference,
-                                           cpu_share, trigger)
+                                           cpu_share, trigger, min_latency)
+                    if executable == "latency_echo" and figures["latencies_ms"]:
+                        floor_min_s[rate] = min(figures["latencies_ms"]) / 1e3
                 finally:
                     code = proc.stop()
                 if code != 0:

@@ -7,11 +7,10 @@ import sys
 
 from rcl_interfaces.msg import ParameterType
 from rclpy.node import Node
-from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
 
-from vdd_ros.ros.spin import EXECUTORS, parameter_descriptor, run_node
+from vdd_ros.ros.spin import EXECUTORS, JOINT_STATES_QOS, parameter_descriptor, run_node
 
 
 class LatencyEcho(Node):
@@ -22,7 +21,7 @@ class LatencyEcho(Node):
         self.executor_kind = self.get_parameter("executor").value
         self._pub = self.create_publisher(Float64MultiArray, "commands", 10)
         self._msg = Float64MultiArray()
-        self.create_subscription(JointState, "joint_states", self._on_joint_state, qos_profile_sensor_data)
+        self.create_subscription(JointState, "joint_states", self._on_joint_state, JOINT_STATES_QOS)
 
     def _on_joint_state(self, msg: JointState) -> None:
         self._msg.data = list(msg.position)

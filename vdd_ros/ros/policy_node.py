@@ -42,7 +42,6 @@ from geometry_msgs.msg import PointStamped, PoseStamped
 from rcl_interfaces.msg import ParameterType
 from rclpy.duration import Duration
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
-from rclpy.qos import qos_profile_sensor_data
 from rclpy.subscription import Subscription
 from rclpy.timer import Timer
 from sensor_msgs.msg import JointState
@@ -61,7 +60,14 @@ from vdd_ros.ros.safety import (
     integrate_deltas,
     per_joint,
 )
-from vdd_ros.ros.spin import EXECUTORS, ThrottledWarnings, parameter_descriptor, run_node, stamp_seconds
+from vdd_ros.ros.spin import (
+    EXECUTORS,
+    JOINT_STATES_QOS,
+    ThrottledWarnings,
+    parameter_descriptor,
+    run_node,
+    stamp_seconds,
+)
 
 TRIGGERS = ("timer", "observation")
 OUTPUTS = ("commands", "joint_trajectory")
@@ -74,6 +80,7 @@ WARN_PERIOD_S = 2.0
 # a tick later than this many periods after the previous one counts as a deadline miss
 LATE_TICK_FACTOR = 1.5
 DIAGNOSTICS_WINDOW = 1000  # samples behind the rate and latency figures on /diagnostics
+
 
 
 def default_model_path() -> str:
@@ -341,8 +348,9 @@ class PolicyNode(LifecycleNode):
         self._command_msg, self._expert_msg, self._latency_msg = Float64MultiArray(), Int32(), Float64()
         self._monitoring_due = False
         self._entities = [self.command_pub, self.expert_pub, self.latency_pub, self.diag_pub]
+        # depth 1: a node that falls behind answers the freshest observation, not a queue of old ones
         self._entities.append(self.create_subscription(JointState, "joint_states", self._on_joint_state,
-                                                       qos_profile_sensor_data))
+                                                       JOINT_STATES_QOS))
         self._entities.append(self.create_subscription(Int32, "episode_start", self._on_episode_start, 10))
         for field in self.assembler.vector_fields:
             msg_type = {"std_msgs/Float64MultiArray": Float64MultiArray, "geometry_msgs/PointStamped": PointStamped,
