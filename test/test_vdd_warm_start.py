@@ -144,3 +144,57 @@ def test_guard_reports_a_degraded_warm_start_and_returns_its_best_state():
     with pytest.warns(RuntimeWarning, match="VDD degraded its warm start"):
         last = distill(teacher, obs, actions, config, progress=False)
     assert last.training_history["returned_iteration"] == 59
+
+
+def _near_mode_share(model, obs):
+    """A validation signal computed from the model: the share of its actions (expert drawn from the gating, its
+    mean) within 0.3 of one of the two demonstrated modes of _state_conditional_data."""
+    with torch.no_grad():
+        acts = model.act(torch.as_tensor(obs), generator=torch.Generator().manual_seed(0)).numpy()
+    modes = np.stack([np.stack([obs[:, 0] + s, np.full(len(obs), s * 0.5)], 1) for s in (1.0, -1.0)])
+    near = (np.linalg.norm(acts[None] - modes, axis=-1) < 0.3).any(0)
+    return {"success_rate": float(near.mean()), "entropy": 0.0}
+
+
+def test_a_rollout_signal_decides_the_guard_and_a_tie_keeps_the_later_state():
+    obs, actions = _state_conditional_data(2048, 1)
+    probe = np.linspace(-1, 1, 64, dtype=np.float32)[:, None]
+    config = VDDConfig(n_experts=3, iterations=60, warm_start_iterations=100, gating_batch_size=128,
+                       samples_per_expert=2, batch_size=16, backbone=SMALL_MLP, validation_every=20,
+                       validation_states=64, validation_episodes=64, expert_lr=1e-2, seed=2)
+    # pulled off the data: the signal falls, the guard warns in its terms and returns the best state
+    with pytest.warns(RuntimeWarning, match="VDD degraded its warm start: closed-loop success .*returning the best"):
+        model = distill(ElsewhereTeacher(), obs, actions, config, progress=False,
+                        rollout=lambda m: _near_mode_share(m, probe))
+    history = model.training_history
+    records = history["validation"]
+    assert records[0]["success_rate"] > 0.8 and records[-1]["success_rate"] < 0.5
+    assert history["returned_iteration"] == max(records, key=lambda r: r["success_rate"])["iteration"] < 59
+    assert _near_mode_share(model, probe)["success_rate"] == pytest.approx(
+        max(r["success_rate"] for r in records))
+    assert "closed-loop success over 64 episodes" in history["guard"]
+    # a teacher on the data: no warning, and the last state of equal success comes back (not the warm start)
+    teacher = AnalyticTeacher(GaussianMixture(np.array([[1.0, 0.5], [-1.0, -0.5]]), 0.1), obs_dim=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        kept = distill(teacher, obs, actions, config, progress=False, rollout=lambda m: {"success_rate": 1.0,
+                                                                                        "entropy": 1.0})
+    assert kept.training_history["returned_iteration"] == 59
+    assert kept.training_history["best_iteration"] == 59
+
+
+def test_closed_loop_check_rolls_out_a_built_in_task_and_none_without_one():
+    from vdd_ros.learn.checkpoint import load_checkpoint
+    from vdd_ros.learn.pipeline import closed_loop_check
+    from vdd_ros.paths import model_file
+
+    student = load_checkpoint(model_file("student.pt"))
+    check = closed_loop_check(student.spec, 8)
+    student.model.train()
+    first, again = check(student.model), check(student.model)
+    assert first == again and 0.5 <= first["success_rate"] <= 1.0 and 0.0 <= first["entropy"] <= 1.0
+    assert student.model.training  # left as it was
+    assert closed_loop_check(student.spec.replace(task="my_robot"), 8) is None
+    assert closed_loop_check(student.spec, 0) is None

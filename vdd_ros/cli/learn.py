@@ -566,9 +566,15 @@ def run_distill(args) -> int:
         if every and (iteration + 1) % every == 0 and iteration + 1 < config.iterations:
             _save(out, model, "vdd_mixture", spec, saved, {"iteration": iteration})
 
+    from vdd_ros.learn.pipeline import closed_loop_check
+
+    rollout = closed_loop_check(spec, config.validation_episodes) if config.validation_every else None
+    if rollout is not None:
+        print(f"vdd distill: guard on {config.validation_episodes} closed-loop {spec.task} episodes every "
+              f"{config.validation_every} iterations (success decides)", flush=True)
     started = time.perf_counter()
     model = distill(teacher_model, training.observations, training.actions, config, progress=not args.quiet,
-                    callback=periodic)
+                    callback=periodic, rollout=rollout)
     seconds = time.perf_counter() - started
     history = _jsonable(dict(getattr(model, "training_history", {}), wall_time_s=seconds))
     _save(out, model, "vdd_mixture", spec, saved, history)

@@ -392,6 +392,8 @@ class VDDConfig(ConfigBase):
     lr_warmup_iterations: int = knob(0, "after a warm start: VDD iterations over which both rates ramp up from 0")
     validation_every: int = knob(500, "guard: iterations between validation-signal evaluations (0: no guard)")
     validation_states: int = knob(256, "guard: dataset states at which the validation signal is measured")
+    validation_episodes: int = knob(50, "guard: closed-loop episodes per evaluation where the task has a simulator "
+                                    "(then success decides; 0: the NLL decides)")
     guard_fallback: bool = knob(True, "guard: a run that ends worse than its start returns its best validation state")
     seed: int = knob(0, "seeds parameters, batches, samples and sigma draws")
     device: str = knob("cpu", "torch device of the run")
@@ -419,7 +421,8 @@ class VDDConfig(ConfigBase):
             check_int(f"{owner}.{name}", getattr(self, name), 1)
         check_int(f"{owner}.validation_states", self.validation_states, 1)
         check_bool(f"{owner}.guard_fallback", self.guard_fallback)
-        for name in ("warm_start_iterations", "checkpoint_every", "lr_warmup_iterations", "validation_every"):
+        for name in ("warm_start_iterations", "checkpoint_every", "lr_warmup_iterations", "validation_every",
+                     "validation_episodes"):
             check_int(f"{owner}.{name}", getattr(self, name), 0)
         check_bool(f"{owner}.antithetic", self.antithetic)
         check_bool(f"{owner}.sigma_anneal", self.sigma_anneal)

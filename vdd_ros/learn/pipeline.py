@@ -250,6 +250,30 @@ def policy_for_checkpoint(checkpoint, seed: int = 0, **options) -> _PolicyBase:
     return MixturePolicy(checkpoint.model, checkpoint.spec, seed=seed, **options)
 
 
+def closed_loop_check(spec: ModelSpec, episodes: int, seed: int = 123457):
+    """``check(model) -> {"success_rate", "entropy"}``: ``episodes`` closed-loop episodes of the spec's built-in
+    task with a mixture in normalised units (an expert drawn from the gating, its mean), the same start states
+    and sampling stream on every call; ``None`` when the spec names no built-in task (no simulator)."""
+    from vdd_ros.tasks.registry import TASKS, task_module
+
+    if episodes < 1 or spec.task not in TASKS:
+        return None
+    task = task_module(spec.task)
+    frame_fields = task.task_spec(1, 1).observation_fields
+    execute = min(int(spec.model_info.get("execute_steps") or spec.action_horizon), spec.action_horizon)
+
+    def check(model) -> dict:
+        was_training = model.training
+        policy = MixturePolicy(model, spec, seed=seed, frame_fields=frame_fields)
+        try:
+            result = task.rollout(policy, episodes, seed, spec.history, execute)
+        finally:
+            model.train(was_training)
+        return {"success_rate": float(result.success_rate), "entropy": float(result.entropy)}
+
+    return check
+
+
 def time_per_action(policy: _PolicyBase, windows: np.ndarray, repeats: int = 100) -> dict:
     """Latency of one action chunk for one observation window (batch 1): mean, p50 and p99 in ms."""
     rows = np.asarray(windows)

@@ -145,10 +145,16 @@ class Guard:
     - ``displacement``: RMS of ``sigma^2 * score`` (how far the teacher's denoiser would move the
       action) at each expert's mean, weighted by the gating, at sigma = ``sigma_max``: low when the
       actions the student executes lie where the teacher puts its mass.
-    The score of a state is ``teacher_nll`` (the selection criterion); the best one is kept in memory.
+    - with ``rollout`` (``rollout(model) -> {"success_rate": s, "entropy": e}``: closed-loop episodes of the
+      task's simulator, the same start states every time): the success rate and route entropy.
+    The selection criterion is the success rate where there is a rollout (ties: the later state), otherwise
+    ``teacher_nll``; the best state is kept in memory. Demonstration likelihood alone is a poor judge of a
+    reverse-KL fit: VDD narrows experts onto the teacher's modes, which can raise ``teacher_nll`` while the
+    policy gets no worse (arm_sort: docs/results.md).
     """
 
-    def __init__(self, teacher, obs_all, act_all, config: VDDConfig, generator_seed: int):
+    def __init__(self, teacher, obs_all, act_all, config: VDDConfig, generator_seed: int, rollout=None):
+        self.rollout = rollout
         generator = torch.Generator(device=obs_all.device).manual_seed(generator_seed)
         n_states = min(config.validation_states, obs_all.shape[0])
         index = torch.randperm(obs_all.shape[0], generator=generator, device=obs_all.device)[:n_states]
@@ -179,13 +185,32 @@ class Guard:
             check_finite(iteration, "teacher score at the validation states", score, tuple(flat.shape))
             moved = (self.sigma ** 2 * score).pow(2).mean(-1)
             displacement = float((weights.reshape(-1) * moved).sum() / batch) ** 0.5
-        model.train(was_training)
         record = {"iteration": iteration, "teacher_nll": nll, "displacement": displacement}
+        if self.rollout is not None:
+            record.update({key: float(value) for key, value in self.rollout(model).items()})
+            score = -record["success_rate"]
+            better = score <= self.best_score  # a tie goes to the later state: VDD's, not its warm start
+        else:
+            score = nll
+            better = score < self.best_score
+        model.train(was_training)
         self.records.append(record)
-        if nll < self.best_score:
-            self.best_score, self.best_iteration = nll, iteration
+        if better:
+            self.best_score, self.best_iteration = score, iteration
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return record
+
+    def degraded(self) -> bool:
+        """Whether the run ended worse than its start: with a rollout, a success rate lower by more than two
+        standard errors of the difference of two rates over ``validation_episodes`` each (at least two
+        episodes); otherwise a higher ``teacher_nll``."""
+        start, final = self.records[0], self.records[-1]
+        if self.rollout is None:
+            return final["teacher_nll"] > start["teacher_nll"]
+        n = max(int(self.config.validation_episodes), 1)
+        pooled = (start["success_rate"] + final["success_rate"]) / 2.0
+        margin = max(2.0 * math.sqrt(2.0 * pooled * (1.0 - pooled) / n), 2.0 / n)
+        return start["success_rate"] - final["success_rate"] > margin
 
 
 def redundant_experts(model: MixtureOfExpertsPolicy, obs: torch.Tensor, weights: np.ndarray, distance: float,
@@ -330,8 +355,8 @@ def merge_duplicates(model: MixtureOfExpertsPolicy, obs: torch.Tensor, actions: 
 
 
 # --- the run ------------------------------------------------------------------------------------
-def distill(teacher, observations, actions, config: VDDConfig, progress: bool = True, callback=None
-            ) -> MixtureOfExpertsPolicy:
+def distill(teacher, observations, actions, config: VDDConfig, progress: bool = True, callback=None,
+            rollout=None) -> MixtureOfExpertsPolicy:
     """Distil ``teacher`` into a mixture of experts on the dataset states ``observations [N, obs_dim]``.
 
     ``actions [N, act_dim]`` (demonstrations paired with the states) feed the gating step; with
@@ -339,6 +364,7 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
     record)`` is called every iteration (record: that iteration's losses). The returned model
     carries ``training_history`` (losses, mean gating weights, dead experts, wall time, config).
     The student reads the teacher's observation window: ``teacher.history`` frames (1 without it).
+    ``rollout(model) -> {"success_rate", "entropy"}`` (a task with a simulator): the guard's closed-loop signal.
     """
     config.validate()
     check_teacher(teacher)
@@ -398,7 +424,7 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
         history["warm_start_loss"] = em_warm_start(model, state_action_batch, config, bar)
     guard = None
     if config.validation_every > 0:
-        guard = Guard(teacher, obs_all, act_all, config, config.seed + 7919)
+        guard = Guard(teacher, obs_all, act_all, config, config.seed + 7919, rollout)
         guard.evaluate(model, -1)  # the warm start (or the initial mixture)
     for iteration in range(config.iterations):
         set_learning_rate(expert_opt, config.expert_lr * vdd_lr_factor(config, iteration))
@@ -448,6 +474,8 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
                 postfix = dict(expert_loss=f"{record['expert_loss']:.3g}", gating_loss=gating)
                 if guard is not None:
                     postfix["val_nll"] = f"{guard.records[-1]['teacher_nll']:.3g}"
+                    if "success_rate" in guard.records[-1]:
+                        postfix["val_success"] = f"{guard.records[-1]['success_rate']:.2f}"
                 bar.set_postfix(**postfix)
     if bar is not None:
         bar.close()
@@ -467,14 +495,21 @@ def finish_guard(model: MixtureOfExpertsPolicy, guard: Guard, config: VDDConfig,
     history["returned_iteration"] = final["iteration"]
     label = "warm start" if config.warm_start_iterations > 0 else "initial mixture"
     summary = (f"VDD guard: validation NLL of {guard.action_source} {start['teacher_nll']:.4g} after the {label}, "
-               f"{final['teacher_nll']:.4g} at the end, best {guard.best_score:.4g} at iteration "
-               f"{guard.best_iteration}; displacement {start['displacement']:.3g} -> {final['displacement']:.3g}")
+               f"{final['teacher_nll']:.4g} at the end; displacement {start['displacement']:.3g} -> "
+               f"{final['displacement']:.3g}")
+    if guard.rollout is not None:
+        summary += (f"; closed-loop success over {config.validation_episodes} episodes {start['success_rate']:.3f} "
+                    f"-> {final['success_rate']:.3f} (entropy {start['entropy']:.3f} -> {final['entropy']:.3f}), "
+                    f"best {-guard.best_score:.3f} at iteration {guard.best_iteration}")
+    else:
+        summary += f"; best NLL {guard.best_score:.4g} at iteration {guard.best_iteration}"
     history["guard"] = summary
     if verbose:
         print(summary, flush=True)
-    if final["teacher_nll"] > start["teacher_nll"]:
-        message = (f"VDD degraded its {label}: validation NLL {start['teacher_nll']:.4g} -> "
-                   f"{final['teacher_nll']:.4g}")
+    if guard.degraded():
+        signal = "closed-loop success" if guard.rollout is not None else "validation NLL"
+        key = "success_rate" if guard.rollout is not None else "teacher_nll"
+        message = f"VDD degraded its {label}: {signal} {start[key]:.4g} -> {final[key]:.4g}"
         if config.guard_fallback and guard.best_state is not None:
             model.load_state_dict(guard.best_state)
             history["returned_iteration"] = guard.best_iteration
