@@ -1,4 +1,5 @@
-"""The arm-task results of docs/results.md in one command: teacher, VDD student and EM baseline over seeds.
+"""The arm-task results of docs/results.md in one command: teacher, VDD student and EM baseline over seeds,
+on the built-in task ``--task`` (arm_avoid, the shipped models' task, or arm_sort).
 
 For every seed it trains (or reuses) the models with the default configs, evaluates them with
 ``vdd eval`` on the same start states, and writes per-seed JSON and PNG files plus a summary
@@ -62,8 +63,10 @@ def main(argv=None) -> int:
                         help="evaluation episodes per model and seed (default: 200)")
     parser.add_argument("--steps-sweep", type=int, nargs="*", default=[4, 8, 16, 32],
                         help="Euler steps of the first teacher to compare (default: 4 8 16 32; none given: skip)")
-    parser.add_argument("--out", default=str(ROOT / "results" / "arm"),
-                        help="output folder (default: results/arm in the checkout)")
+    parser.add_argument("--task", default="arm_avoid", choices=("arm_avoid", "arm_sort"),
+                        help="built-in task (default: arm_avoid, the shipped models' task)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: results/arm for arm_avoid, results/TASK otherwise)")
     parser.add_argument("--reuse", action="store_true", help="reuse checkpoints already in --out")
     parser.add_argument("--install", action="store_true",
                         help="copy the first seed's models to models/ (and export them to .onnx there), the figures to "
@@ -75,21 +78,24 @@ def main(argv=None) -> int:
         parser.error(f"--steps-sweep: expected integers >= 1, got {args.steps_sweep}")
     if len(set(args.seeds)) != len(args.seeds) or len(set(args.teacher_seeds)) != len(args.teacher_seeds):
         parser.error(f"--seeds/--teacher-seeds: expected distinct seeds, got {args.seeds} and {args.teacher_seeds}")
+    if args.install and args.task != "arm_avoid":
+        parser.error(f"--install: the shipped models are arm_avoid's, got --task {args.task}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "results" / ("arm" if args.task == "arm_avoid" else args.task))
+    task_set = ("--set", f"task={args.task}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     teachers = {}
     for seed in args.teacher_seeds:
         teachers[seed] = out / f"teacher_s{seed}.pt"
-        train("teacher", teachers[seed], seed, args.reuse)
+        train("teacher", teachers[seed], seed, args.reuse, task_set)
     runs = []
     for index, seed in enumerate(args.seeds):
         teacher = teachers[args.teacher_seeds[index % len(args.teacher_seeds)]]
         student, em = out / f"student_s{seed}.pt", out / f"em_s{seed}.pt"
         train("student", student, seed, args.reuse, ("--teacher", teacher))
-        train("em", em, seed, args.reuse)
+        train("em", em, seed, args.reuse, task_set)
         report = out / f"eval_s{seed}.json"
         vdd("eval", "--teacher", teacher, "--student", student, "--em", em, "--episodes", args.episodes,
             "--seed", 1000 + seed, "--json", report, "--plot", out / f"rollouts_s{seed}.png")
@@ -105,8 +111,8 @@ def main(argv=None) -> int:
                             ("em", [out / f"em_s{s}.pt" for s in args.seeds]))}
     if args.steps_sweep:
         summary["teacher_steps_sweep"] = steps_sweep(teachers[args.teacher_seeds[0]], args.steps_sweep,
-                                                     args.episodes, out)
-    summary.update(seeds=args.seeds, teacher_seeds=args.teacher_seeds, episodes=args.episodes,
+                                                     args.episodes, out, args.task)
+    summary.update(task=args.task, seeds=args.seeds, teacher_seeds=args.teacher_seeds, episodes=args.episodes,
                    total_wall_time_s=time.perf_counter() - started)
     write_json(out / "summary.json", summary)
     print(format_summary(summary))
@@ -136,7 +142,7 @@ def ratios(models: dict) -> dict:
             for label in ("student", "em") for name, key in (("success", "success_rate"), ("entropy", "entropy"))}
 
 
-def steps_sweep(teacher: Path, steps: list[int], episodes: int, out: Path) -> list[dict]:
+def steps_sweep(teacher: Path, steps: list[int], episodes: int, out: Path, task: str) -> list[dict]:
     """Teacher success and entropy against the number of Euler steps (the exported sampler's)."""
     import matplotlib
 
@@ -159,7 +165,7 @@ def steps_sweep(teacher: Path, steps: list[int], episodes: int, out: Path) -> li
     ax.set_xticks(steps, [str(s) for s in steps])
     ax.set_xlabel("Euler steps N (network evaluations per action)")
     ax.set_ylim(0, 1.02)
-    ax.set_title("diffusion teacher on arm_avoid vs sampling steps", fontsize=10)
+    ax.set_title(f"diffusion teacher on {task} vs sampling steps", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, out / "teacher_steps.png", dpi=110)

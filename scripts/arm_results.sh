@@ -3,7 +3,8 @@
 # configs over 3 seeds, evaluates them on the same episodes and prints mean ± std.
 #   bash scripts/arm_results.sh            # results in results/arm/
 #   bash scripts/arm_results.sh --install  # also refresh models/ and docs/figures/arm_*.png
-# Options are passed to scripts/arm_results.py (--seeds, --teacher-seeds, --episodes, --reuse, --out).
+#   bash scripts/arm_results.sh --task arm_sort   # the second built-in task, results in results/arm_sort/
+# Options are passed to scripts/arm_results.py (--task, --seeds, --teacher-seeds, --episodes, --reuse, --out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -89,8 +89,7 @@ def test_attach_measures_a_node_that_is_already_running(tmp_path, domain_id):
         codes = [policy.stop(), sim.stop()]
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     cell = json.loads((tmp_path / "a.json").read_text())["cells"][0]
-    # (the rate it reads is not asserted: against this 20 Hz node it read 20 Hz, and later 1.3-2 Hz in runs
-    # still being investigated; issue 14)
-    assert cell["commands"] >= 3 and cell["achieved_hz"] <= 30
+    # the rate is read from the first command on (discovery can take much of a 3 s window): the node's 20 Hz
+    assert cell["commands"] >= 3 and 12 <= cell["achieved_hz"] <= 28, cell["achieved_hz"]
     assert 0 < cell["p50_ms"] < 100
     assert codes == [0, 0]
