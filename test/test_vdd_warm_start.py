@@ -1,4 +1,6 @@
 """VDDConfig.warm_start_iterations: EM on the demonstrations before VDD gives every expert its own mode."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +111,7 @@ def test_guard_logs_the_validation_signal_every_validation_every_iterations():
     assert all(np.isfinite([r["teacher_nll"], r["displacement"]]).all() for r in records)
     assert history["validation_actions"] == "teacher samples"
     assert history["best_iteration"] == min(records, key=lambda r: r["teacher_nll"])["iteration"]
+    assert history["returned_iteration"] == history["best_iteration"]  # the best state, not the last
     assert "VDD guard: validation NLL" in history["guard"]
 
 
@@ -129,7 +132,7 @@ def test_guard_reports_a_degraded_warm_start_and_returns_its_best_state():
     config = VDDConfig(n_experts=3, iterations=60, warm_start_iterations=100, gating_batch_size=128,
                        samples_per_expert=2, batch_size=16, backbone=SMALL_MLP, validation_every=20,
                        validation_states=64, expert_lr=1e-2, seed=2)
-    with pytest.warns(RuntimeWarning, match="VDD degraded its warm start: validation NLL .*returning the best"):
+    with pytest.warns(RuntimeWarning, match="VDD degraded its warm start: validation NLL .*returning iteration"):
         model = distill(teacher, obs, actions, config, progress=False)
     history = model.training_history
     records = history["validation"]
@@ -139,8 +142,8 @@ def test_guard_reports_a_degraded_warm_start_and_returns_its_best_state():
     assert history["returned_iteration"] == best["iteration"] < 59
     again = Guard(teacher, torch.as_tensor(obs), torch.as_tensor(actions), config, config.seed + 7919)
     assert again.evaluate(model, 0)["teacher_nll"] == pytest.approx(best["teacher_nll"], abs=1e-5)
-    # without the fallback the degraded last state comes back, still reported
-    config.guard_fallback = False
+    # without keep-best the degraded last state comes back, still reported
+    config.guard_keep_best = False
     with pytest.warns(RuntimeWarning, match="VDD degraded its warm start"):
         last = distill(teacher, obs, actions, config, progress=False)
     assert last.training_history["returned_iteration"] == 59
@@ -163,7 +166,7 @@ def test_a_rollout_signal_decides_the_guard_and_a_tie_keeps_the_later_state():
                        samples_per_expert=2, batch_size=16, backbone=SMALL_MLP, validation_every=20,
                        validation_states=64, validation_episodes=64, expert_lr=1e-2, seed=2)
     # pulled off the data: the signal falls, the guard warns in its terms and returns the best state
-    with pytest.warns(RuntimeWarning, match="VDD degraded its warm start: closed-loop success .*returning the best"):
+    with pytest.warns(RuntimeWarning, match="VDD degraded its warm start: closed-loop success .*returning iteration"):
         model = distill(ElsewhereTeacher(), obs, actions, config, progress=False,
                         rollout=lambda m: _near_mode_share(m, probe))
     history = model.training_history
@@ -172,7 +175,7 @@ def test_a_rollout_signal_decides_the_guard_and_a_tie_keeps_the_later_state():
     assert history["returned_iteration"] == max(records, key=lambda r: r["success_rate"])["iteration"] < 59
     assert _near_mode_share(model, probe)["success_rate"] == pytest.approx(
         max(r["success_rate"] for r in records))
-    assert "closed-loop success over 64 episodes" in history["guard"]
+    assert "closed-loop success + entropy over 64 episodes" in history["guard"]
     # a teacher on the data: no warning, and the last state of equal success comes back (not the warm start)
     teacher = AnalyticTeacher(GaussianMixture(np.array([[1.0, 0.5], [-1.0, -0.5]]), 0.1), obs_dim=1)
     import warnings
@@ -183,6 +186,12 @@ def test_a_rollout_signal_decides_the_guard_and_a_tie_keeps_the_later_state():
                                                                                         "entropy": 1.0})
     assert kept.training_history["returned_iteration"] == 59
     assert kept.training_history["best_iteration"] == 59
+    # entropy counts as much as success: a state that keeps success but loses routes is not the best
+    scores = iter([(1.0, 0.95), (1.0, 0.97), (1.0, 0.80), (1.0, 0.75), (1.0, 0.70)])
+    with pytest.warns(RuntimeWarning, match="degraded its warm start: closed-loop success \\+ entropy 1.95 -> 1.7"):
+        narrowed = distill(teacher, obs, actions, dataclasses.replace(config, iterations=80), progress=False,
+                           rollout=lambda m: dict(zip(("success_rate", "entropy"), next(scores))))
+    assert narrowed.training_history["returned_iteration"] == 19
 
 
 def test_closed_loop_check_rolls_out_a_built_in_task_and_none_without_one():

@@ -571,7 +571,7 @@ def run_distill(args) -> int:
     rollout = closed_loop_check(spec, config.validation_episodes) if config.validation_every else None
     if rollout is not None:
         print(f"vdd distill: guard on {config.validation_episodes} closed-loop {spec.task} episodes every "
-              f"{config.validation_every} iterations (success decides)", flush=True)
+              f"{config.validation_every} iterations (success + route entropy decide)", flush=True)
     started = time.perf_counter()
     model = distill(teacher_model, training.observations, training.actions, config, progress=not args.quiet,
                     callback=periodic, rollout=rollout)

@@ -393,8 +393,9 @@ class VDDConfig(ConfigBase):
     validation_every: int = knob(500, "guard: iterations between validation-signal evaluations (0: no guard)")
     validation_states: int = knob(256, "guard: dataset states at which the validation signal is measured")
     validation_episodes: int = knob(50, "guard: closed-loop episodes per evaluation where the task has a simulator "
-                                    "(then success decides; 0: the NLL decides)")
-    guard_fallback: bool = knob(True, "guard: a run that ends worse than its start returns its best validation state")
+                                    "(then success + entropy decide; 0: the NLL decides)")
+    guard_keep_best: bool = knob(True, "guard: return the best validation state, not the last (the warm start when "
+                                 "nothing after it was better)")
     seed: int = knob(0, "seeds parameters, batches, samples and sigma draws")
     device: str = knob("cpu", "torch device of the run")
     num_threads: int | None = knob(1, "torch threads for the run (null: leave torch's setting)")
@@ -420,7 +421,7 @@ class VDDConfig(ConfigBase):
         for name in ("batch_size", "samples_per_expert", "gating_batch_size", "reinit_batch_size", "merge_batch_size"):
             check_int(f"{owner}.{name}", getattr(self, name), 1)
         check_int(f"{owner}.validation_states", self.validation_states, 1)
-        check_bool(f"{owner}.guard_fallback", self.guard_fallback)
+        check_bool(f"{owner}.guard_keep_best", self.guard_keep_best)
         for name in ("warm_start_iterations", "checkpoint_every", "lr_warmup_iterations", "validation_every",
                      "validation_episodes"):
             check_int(f"{owner}.{name}", getattr(self, name), 0)

@@ -135,6 +135,16 @@ def vdd_lr_factor(config: VDDConfig, iteration: int, horizon: int | None = None)
 
 
 # --- the guard: a cheap validation signal --------------------------------------------------------
+# standard deviation of the normalised route entropy of n episodes is about ENTROPY_SD / sqrt(n) (simulated:
+# 6 or 16 routes, uniform or arm_sort's teacher frequencies, n = 50: 0.018-0.030)
+ENTROPY_SD = 0.2
+
+
+def rollout_score(record: dict) -> float:
+    """The guard's closed-loop score of a validation record: success rate + route entropy (each in [0, 1])."""
+    return record["success_rate"] + record["entropy"]
+
+
 class Guard:
     """Validation signals at fixed dataset states, the best state of the run and the warm start's figures.
 
@@ -147,10 +157,11 @@ class Guard:
       actions the student executes lie where the teacher puts its mass.
     - with ``rollout`` (``rollout(model) -> {"success_rate": s, "entropy": e}``: closed-loop episodes of the
       task's simulator, the same start states every time): the success rate and route entropy.
-    The selection criterion is the success rate where there is a rollout (ties: the later state), otherwise
-    ``teacher_nll``; the best state is kept in memory. Demonstration likelihood alone is a poor judge of a
-    reverse-KL fit: VDD narrows experts onto the teacher's modes, which can raise ``teacher_nll`` while the
-    policy gets no worse (arm_sort: docs/results.md).
+    The score is success rate + route entropy where there is a rollout (the two figures the fidelity targets
+    are set on; higher is better, a tie goes to the later state), otherwise ``teacher_nll`` (lower is better);
+    the best state is kept in memory. Demonstration likelihood alone is a poor judge of a reverse-KL fit: VDD
+    narrows experts onto the teacher's modes, which can raise ``teacher_nll`` while the policy gets no worse
+    (arm_sort: docs/results.md).
     """
 
     def __init__(self, teacher, obs_all, act_all, config: VDDConfig, generator_seed: int, rollout=None):
@@ -188,7 +199,7 @@ class Guard:
         record = {"iteration": iteration, "teacher_nll": nll, "displacement": displacement}
         if self.rollout is not None:
             record.update({key: float(value) for key, value in self.rollout(model).items()})
-            score = -record["success_rate"]
+            score = -rollout_score(record)  # lower is better, as the NLL
             better = score <= self.best_score  # a tie goes to the later state: VDD's, not its warm start
         else:
             score = nll
@@ -201,16 +212,17 @@ class Guard:
         return record
 
     def degraded(self) -> bool:
-        """Whether the run ended worse than its start: with a rollout, a success rate lower by more than two
-        standard errors of the difference of two rates over ``validation_episodes`` each (at least two
-        episodes); otherwise a higher ``teacher_nll``."""
+        """Whether the run ended worse than its start: with a rollout, success + entropy lower by more than two
+        standard errors of the difference over ``validation_episodes`` each (success: binomial; entropy:
+        ENTROPY_SD / sqrt(episodes); at least two episodes' worth); otherwise a higher ``teacher_nll``."""
         start, final = self.records[0], self.records[-1]
         if self.rollout is None:
             return final["teacher_nll"] > start["teacher_nll"]
         n = max(int(self.config.validation_episodes), 1)
         pooled = (start["success_rate"] + final["success_rate"]) / 2.0
-        margin = max(2.0 * math.sqrt(2.0 * pooled * (1.0 - pooled) / n), 2.0 / n)
-        return start["success_rate"] - final["success_rate"] > margin
+        variance = 2.0 * pooled * (1.0 - pooled) / n + 2.0 * ENTROPY_SD ** 2 / n
+        margin = max(2.0 * math.sqrt(variance), 2.0 / n)
+        return rollout_score(start) - rollout_score(final) > margin
 
 
 def redundant_experts(model: MixtureOfExpertsPolicy, obs: torch.Tensor, weights: np.ndarray, distance: float,
@@ -486,8 +498,9 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
 
 def finish_guard(model: MixtureOfExpertsPolicy, guard: Guard, config: VDDConfig, history: dict,
                  verbose: bool = True) -> None:
-    """Say when VDD ended worse than its start by the validation signal; with ``guard_fallback``, then return
-    the best validation state (the warm start itself when nothing after it was better)."""
+    """With ``guard_keep_best``, return the best validation state (the warm start itself when nothing after it
+    was better) instead of the last; warn when the run ended worse than its start, or when nothing VDD did was
+    better than its start."""
     start, final = guard.records[0], guard.records[-1]
     history["validation"] = guard.records
     history["validation_actions"] = guard.action_source
@@ -498,22 +511,27 @@ def finish_guard(model: MixtureOfExpertsPolicy, guard: Guard, config: VDDConfig,
                f"{final['teacher_nll']:.4g} at the end; displacement {start['displacement']:.3g} -> "
                f"{final['displacement']:.3g}")
     if guard.rollout is not None:
-        summary += (f"; closed-loop success over {config.validation_episodes} episodes {start['success_rate']:.3f} "
-                    f"-> {final['success_rate']:.3f} (entropy {start['entropy']:.3f} -> {final['entropy']:.3f}), "
-                    f"best {-guard.best_score:.3f} at iteration {guard.best_iteration}")
+        summary += (f"; closed-loop success + entropy over {config.validation_episodes} episodes "
+                    f"{start['success_rate']:.3f} + {start['entropy']:.3f} -> {final['success_rate']:.3f} + "
+                    f"{final['entropy']:.3f}, best {-guard.best_score:.3f} at iteration {guard.best_iteration}")
+        signal, before, after = "closed-loop success + entropy", rollout_score(start), rollout_score(final)
     else:
         summary += f"; best NLL {guard.best_score:.4g} at iteration {guard.best_iteration}"
+        signal, before, after = "validation NLL", start["teacher_nll"], final["teacher_nll"]
     history["guard"] = summary
     if verbose:
         print(summary, flush=True)
+    keep = config.guard_keep_best and guard.best_state is not None
+    if keep and guard.best_iteration != final["iteration"]:
+        model.load_state_dict(guard.best_state)
+        history["returned_iteration"] = guard.best_iteration
+    messages = []
     if guard.degraded():
-        signal = "closed-loop success" if guard.rollout is not None else "validation NLL"
-        key = "success_rate" if guard.rollout is not None else "teacher_nll"
-        message = f"VDD degraded its {label}: {signal} {start[key]:.4g} -> {final[key]:.4g}"
-        if config.guard_fallback and guard.best_state is not None:
-            model.load_state_dict(guard.best_state)
-            history["returned_iteration"] = guard.best_iteration
-            message += f"; returning the best validation state (iteration {guard.best_iteration})"
+        messages.append(f"VDD degraded its {label}: {signal} {before:.4g} -> {after:.4g}")
+    if keep and guard.best_iteration == start["iteration"]:
+        messages.append(f"no VDD state was better than its {label} by the {signal}")
+    if messages:
+        message = "; ".join(messages) + f"; returning iteration {history['returned_iteration']}"
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         history["warnings"].append(message)
 
