@@ -269,7 +269,8 @@ def run(args) -> int:
     period_ms = 1000.0 / task_module(args.task).CONTROL_RATE_HZ
     print(f"latency: over ROS, each plan as the node makes it (one call per {period_ms:g} ms: cold caches); "
           "offline, back-to-back Policy.act calls on one window")
-    gap = _command_gap(monitor.commands[args.driver], monitor.commands[roles[-1]]) if len(roles) == 2 else None
+    shadow = next((role for role in roles if role != args.driver), None)
+    gap = _command_gap(monitor.commands[args.driver], monitor.commands[shadow]) if shadow else None
     if gap is not None:
         print(f"mean |{args.driver} - shadow| joint target on the same observations: {gap:.4f} rad")
     switch_rates = {}
