@@ -158,8 +158,9 @@ class Guard:
     - with ``rollout`` (``rollout(model) -> {"success_rate": s, "entropy": e}``: closed-loop episodes of the
       task's simulator, the same start states every time): the success rate and route entropy.
     The score is success rate + route entropy where there is a rollout (the two figures the fidelity targets
-    are set on; higher is better, a tie goes to the later state), otherwise ``teacher_nll`` (lower is better);
-    the best state is kept in memory. Demonstration likelihood alone is a poor judge of a reverse-KL fit: VDD
+    are set on), otherwise ``teacher_nll``. Every evaluated state is kept in memory; :meth:`choose` picks the
+    latest one whose score is within one standard error of the best (the NLL: the best itself). Demonstration
+    likelihood alone is a poor judge of a reverse-KL fit: VDD
     narrows experts onto the teacher's modes, which can raise ``teacher_nll`` while the policy gets no worse
     (arm_sort: docs/results.md).
     """
@@ -180,7 +181,7 @@ class Guard:
             self.action_source = "demonstration actions"
         self.sigma = float(config.sigma_max)
         self.records: list[dict] = []
-        self.best_score, self.best_state, self.best_iteration = math.inf, None, None
+        self.states: dict[int, dict] = {}  # iteration -> the model's state then
 
     def evaluate(self, model: MixtureOfExpertsPolicy, iteration: int) -> dict:
         was_training = model.training
@@ -199,17 +200,28 @@ class Guard:
         record = {"iteration": iteration, "teacher_nll": nll, "displacement": displacement}
         if self.rollout is not None:
             record.update({key: float(value) for key, value in self.rollout(model).items()})
-            score = -rollout_score(record)  # lower is better, as the NLL
-            better = score <= self.best_score  # a tie goes to the later state: VDD's, not its warm start
-        else:
-            score = nll
-            better = score < self.best_score
         model.train(was_training)
         self.records.append(record)
-        if better:
-            self.best_score, self.best_iteration = score, iteration
-            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.states[iteration] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return record
+
+    def loss(self, record: dict) -> float:
+        """Lower is better: -(success + entropy) with a rollout, else ``teacher_nll``."""
+        return -rollout_score(record) if self.rollout is not None else record["teacher_nll"]
+
+    def choose(self) -> tuple[dict, dict, float]:
+        """``(best record, chosen record, margin)``: the chosen one is the latest whose loss is within ``margin``
+        of the best, one standard error of a closed-loop score (success: binomial at the best's rate; entropy:
+        ENTROPY_SD / sqrt(episodes); at least one episode's worth), 0 for the NLL. Among states the validation
+        cannot tell apart, the one trained longest: the maximum of noisy evaluations favours early lucky ones."""
+        best = min(self.records, key=self.loss)
+        margin = 0.0
+        if self.rollout is not None:
+            n = max(int(self.config.validation_episodes), 1)
+            p = best["success_rate"]
+            margin = max(math.sqrt(p * (1.0 - p) / n + ENTROPY_SD ** 2 / n), 1.0 / n)
+        chosen = [r for r in self.records if self.loss(r) <= self.loss(best) + margin + 1e-12][-1]
+        return best, chosen, margin
 
     def degraded(self) -> bool:
         """Whether the run ended worse than its start: with a rollout, success + entropy lower by more than two
@@ -498,13 +510,14 @@ def distill(teacher, observations, actions, config: VDDConfig, progress: bool = 
 
 def finish_guard(model: MixtureOfExpertsPolicy, guard: Guard, config: VDDConfig, history: dict,
                  verbose: bool = True) -> None:
-    """With ``guard_keep_best``, return the best validation state (the warm start itself when nothing after it
-    was better) instead of the last; warn when the run ended worse than its start, or when nothing VDD did was
-    better than its start."""
+    """With ``guard_keep_best``, return the state :meth:`Guard.choose` picks (the warm start itself when nothing
+    after it came close) instead of the last; warn when the run ended worse than its start, or when no VDD state
+    came within the margin of the warm start."""
     start, final = guard.records[0], guard.records[-1]
+    best, chosen, margin = guard.choose()
     history["validation"] = guard.records
     history["validation_actions"] = guard.action_source
-    history["best_iteration"] = guard.best_iteration
+    history["best_iteration"] = best["iteration"]
     history["returned_iteration"] = final["iteration"]
     label = "warm start" if config.warm_start_iterations > 0 else "initial mixture"
     summary = (f"VDD guard: validation NLL of {guard.action_source} {start['teacher_nll']:.4g} after the {label}, "
@@ -513,23 +526,24 @@ def finish_guard(model: MixtureOfExpertsPolicy, guard: Guard, config: VDDConfig,
     if guard.rollout is not None:
         summary += (f"; closed-loop success + entropy over {config.validation_episodes} episodes "
                     f"{start['success_rate']:.3f} + {start['entropy']:.3f} -> {final['success_rate']:.3f} + "
-                    f"{final['entropy']:.3f}, best {-guard.best_score:.3f} at iteration {guard.best_iteration}")
+                    f"{final['entropy']:.3f}, best {rollout_score(best):.3f} at iteration {best['iteration']}, "
+                    f"latest within {margin:.3f} of it: iteration {chosen['iteration']}")
         signal, before, after = "closed-loop success + entropy", rollout_score(start), rollout_score(final)
     else:
-        summary += f"; best NLL {guard.best_score:.4g} at iteration {guard.best_iteration}"
+        summary += f"; best NLL {best['teacher_nll']:.4g} at iteration {best['iteration']}"
         signal, before, after = "validation NLL", start["teacher_nll"], final["teacher_nll"]
     history["guard"] = summary
     if verbose:
         print(summary, flush=True)
-    keep = config.guard_keep_best and guard.best_state is not None
-    if keep and guard.best_iteration != final["iteration"]:
-        model.load_state_dict(guard.best_state)
-        history["returned_iteration"] = guard.best_iteration
+    if config.guard_keep_best and chosen["iteration"] != final["iteration"]:
+        model.load_state_dict(guard.states[chosen["iteration"]])
+        history["returned_iteration"] = chosen["iteration"]
+    guard.states.clear()
     messages = []
     if guard.degraded():
         messages.append(f"VDD degraded its {label}: {signal} {before:.4g} -> {after:.4g}")
-    if keep and guard.best_iteration == start["iteration"]:
-        messages.append(f"no VDD state was better than its {label} by the {signal}")
+    if config.guard_keep_best and chosen["iteration"] == start["iteration"]:
+        messages.append(f"no VDD state came within {margin:.3g} of its {label} by the {signal}")
     if messages:
         message = "; ".join(messages) + f"; returning iteration {history['returned_iteration']}"
         warnings.warn(message, RuntimeWarning, stacklevel=3)
