@@ -392,7 +392,7 @@ class VDDConfig(ConfigBase):
     lr_warmup_iterations: int = knob(0, "after a warm start: VDD iterations over which both rates ramp up from 0")
     validation_every: int = knob(500, "guard: iterations between validation-signal evaluations (0: no guard)")
     validation_states: int = knob(256, "guard: dataset states at which the validation signal is measured")
-    validation_episodes: int = knob(50, "guard: closed-loop episodes per evaluation where the task has a simulator "
+    validation_episodes: int = knob(200, "guard: closed-loop episodes per evaluation where the task has a simulator "
                                     "(then success + entropy decide; 0: the NLL decides)")
     guard_keep_best: bool = knob(True, "guard: return the latest validation state within one standard error of the "
                                  "best, not the last (the warm start when nothing after it came close)")
