@@ -415,7 +415,11 @@ def train_arm_ddpm(folder):
 TINY_DISTILL = ["--set", "iterations=300", "--set", "warm_start_iterations=500", "--set", "n_experts=4",
                 "--set", "batch_size=16", "--set", "samples_per_expert=8", "--set", "gating_batch_size=256",
                 "--set", "backbone.hidden=128", "--set", "validation_every=100", "--set", "checkpoint_every=0",
-                "--set", "sigma_min=0.1", "--set", "sigma_max=0.3", "--quiet"]
+                "--set", "sigma_min=0.1", "--set", "sigma_max=0.3", "--quiet",
+                # the NLL guard: a closed-loop one keeps whichever state drives best, here the EM warm start on the
+                # scripted demonstrations (0.54 against this weak teacher's 0.20), and this test is about following
+                # the teacher
+                "--set", "validation_episodes=0"]
 
 
 @pytest.mark.slow

@@ -395,7 +395,7 @@ class VDDConfig(ConfigBase):
     validation_episodes: int = knob(200, "guard: closed-loop episodes per evaluation where the task has a simulator "
                                     "(then success + entropy decide; 0: the NLL decides)")
     guard_keep_best: bool = knob(True, "guard: return the latest validation state within one standard error of the "
-                                 "best, not the last (the warm start when nothing after it came close)")
+                                 "best closed-loop score (NLL only: the best, if the run degraded its start)")
     seed: int = knob(0, "seeds parameters, batches, samples and sigma draws")
     device: str = knob("cpu", "torch device of the run")
     num_threads: int | None = knob(1, "torch threads for the run (null: leave torch's setting)")

@@ -210,16 +210,18 @@ class Guard:
         return -rollout_score(record) if self.rollout is not None else record["teacher_nll"]
 
     def choose(self) -> tuple[dict, dict, float]:
-        """``(best record, chosen record, margin)``: the chosen one is the latest whose loss is within ``margin``
-        of the best, one standard error of a closed-loop score (success: binomial at the best's rate; entropy:
-        ENTROPY_SD / sqrt(episodes); at least one episode's worth), 0 for the NLL. Among states the validation
-        cannot tell apart, the one trained longest: the maximum of noisy evaluations favours early lucky ones."""
+        """``(best record, chosen record, margin)``. With a rollout the chosen one is the latest whose loss is
+        within ``margin`` of the best: one standard error of a closed-loop score (success: binomial at the best's
+        rate; entropy: ENTROPY_SD / sqrt(episodes); at least one episode's worth). Among states the validation
+        cannot tell apart, the one trained longest: the maximum of noisy evaluations favours early lucky ones.
+        With the NLL alone the last state, unless the run degraded its start: then the best (the NLL of a
+        reverse-KL fit is no measure to pick among good states by: the 2-D checks lose mode weights that way)."""
         best = min(self.records, key=self.loss)
-        margin = 0.0
-        if self.rollout is not None:
-            n = max(int(self.config.validation_episodes), 1)
-            p = best["success_rate"]
-            margin = max(math.sqrt(p * (1.0 - p) / n + ENTROPY_SD ** 2 / n), 1.0 / n)
+        if self.rollout is None:
+            return best, best if self.degraded() else self.records[-1], 0.0
+        n = max(int(self.config.validation_episodes), 1)
+        p = best["success_rate"]
+        margin = max(math.sqrt(p * (1.0 - p) / n + ENTROPY_SD ** 2 / n), 1.0 / n)
         chosen = [r for r in self.records if self.loss(r) <= self.loss(best) + margin + 1e-12][-1]
         return best, chosen, margin
 
