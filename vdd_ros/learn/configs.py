@@ -343,7 +343,7 @@ def validate_mixture_fields(config, owner: str) -> None:
 
 
 # The student's (and its EM baseline's) default backbone: 128x3 ReLU. One network evaluation of it is a
-# small fraction of a 16-step teacher's 16 (docs/benchmarks.md#students-backbone-and-gating); the 2-D presets
+# small fraction of a 16-step teacher's 16 (docs/benchmarks.md#the-students-size); the 2-D presets
 # keep 256 Mish.
 STUDENT_BACKBONE = BackboneConfig(hidden=128, activation="relu")
 

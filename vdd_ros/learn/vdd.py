@@ -219,11 +219,17 @@ class Guard:
         best = min(self.records, key=self.loss)
         if self.rollout is None:
             return best, best if self.degraded() else self.records[-1], 0.0
-        n = max(int(self.config.validation_episodes), 1)
-        p = best["success_rate"]
-        margin = max(math.sqrt(p * (1.0 - p) / n + ENTROPY_SD ** 2 / n), 1.0 / n)
+        margin = max(math.sqrt(self._score_variance(best["success_rate"])), 1.0 / self._episodes)
         chosen = [r for r in self.records if self.loss(r) <= self.loss(best) + margin + 1e-12][-1]
         return best, chosen, margin
+
+    @property
+    def _episodes(self) -> int:
+        return max(int(self.config.validation_episodes), 1)
+
+    def _score_variance(self, success_rate: float) -> float:
+        """Variance of one closed-loop score (success: binomial; entropy: ENTROPY_SD / sqrt(episodes))."""
+        return (success_rate * (1.0 - success_rate) + ENTROPY_SD ** 2) / self._episodes
 
     def degraded(self) -> bool:
         """Whether the run ended worse than its start: with a rollout, success + entropy lower by more than two
@@ -232,10 +238,8 @@ class Guard:
         start, final = self.records[0], self.records[-1]
         if self.rollout is None:
             return final["teacher_nll"] > start["teacher_nll"]
-        n = max(int(self.config.validation_episodes), 1)
         pooled = (start["success_rate"] + final["success_rate"]) / 2.0
-        variance = 2.0 * pooled * (1.0 - pooled) / n + 2.0 * ENTROPY_SD ** 2 / n
-        margin = max(2.0 * math.sqrt(variance), 2.0 / n)
+        margin = max(2.0 * math.sqrt(2.0 * self._score_variance(pooled)), 2.0 / self._episodes)
         return rollout_score(start) - rollout_score(final) > margin
 
 

@@ -82,7 +82,6 @@ LATE_TICK_FACTOR = 1.5
 DIAGNOSTICS_WINDOW = 1000  # samples behind the rate and latency figures on /diagnostics
 
 
-
 def default_model_path() -> str:
     try:
         from vdd_ros.paths import model_file
